@@ -1,0 +1,87 @@
+"""Losses: the paper's FSP loss and the baselines it is compared with.
+
+All functions are pure, reduce to a scalar, and average over the batch.
+"""
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _leaves(tree: Any, name: str) -> list[jnp.ndarray]:
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    raise ValueError(f'{name} holds no FSP matrices.')
+  return leaves
+
+
+def fsp_l2(student: Any, teacher: Any, weights: Sequence[float] | None = None) -> jnp.ndarray:
+  """The paper's L_FSP: squared Frobenius distance between FSP matrices.
+
+      L = 1/B sum_x sum_i w_i || G_i^S(x) - G_i^T(x) ||_F^2
+
+  Args:
+    student: a sequence (or pytree) of [B, M_i, N_i] student FSP matrices.
+    teacher: the teacher's matrices, in the same structure; no gradient flows into them.
+    weights: one lambda_i per matrix; all equal to 1 by default, as in the paper.
+
+  Returns:
+    A scalar float32 loss.
+  """
+  student, teacher = _leaves(student, 'student'), _leaves(teacher, 'teacher')
+  if len(student) != len(teacher):
+    raise ValueError(
+        f'The student has {len(student)} FSP matrices and the teacher {len(teacher)}: '
+        'pair the same number of stages.')
+  if weights is None:
+    weights = [1.0] * len(student)
+  if len(weights) != len(student):
+    raise ValueError(f'Expected {len(student)} weights, one per FSP matrix, got {len(weights)}.')
+  total = 0.0
+  for i, (g_s, g_t, w) in enumerate(zip(student, teacher, weights)):
+    if g_s.shape != g_t.shape:
+      raise ValueError(
+          f'FSP matrix {i}: student shape {g_s.shape} does not match teacher shape '
+          f'{g_t.shape}. Stage widths differ; use a channel adapter on the student '
+          '(config.adapter=True, or fsp_jax.adapters.ChannelAdapter).')
+    diff = g_s.astype(jnp.float32) - jax.lax.stop_gradient(g_t).astype(jnp.float32)
+    total = total + w * jnp.sum(jnp.square(diff), axis=(1, 2))
+  return jnp.mean(total)
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+  """Softmax cross-entropy of logits [B, C] against integer labels [B], batch mean."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def kd_loss(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray,
+            temperature: float = 4.0) -> jnp.ndarray:
+  """Hinton's knowledge distillation: tau^2 KL(softmax(t / tau) || softmax(s / tau)).
+
+  Args:
+    student_logits: [B, C].
+    teacher_logits: [B, C]; no gradient flows into them.
+    temperature: tau; the tau^2 factor keeps gradient sizes comparable across tau.
+  """
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  target = jax.nn.softmax(teacher_logits / temperature)
+  log_student = jax.nn.log_softmax(student_logits / temperature)
+  kl = optax.kl_divergence(log_student, target)
+  return temperature ** 2 * jnp.mean(kl)
+
+
+def hint_loss(regressed: jnp.ndarray, teacher_feature: jnp.ndarray) -> jnp.ndarray:
+  """FitNet's hint loss: 1/2 || u_h(x) - r(v_g(x)) ||^2, summed per example, batch mean.
+
+  Args:
+    regressed: [B, H, W, C] student guided-layer feature after the learned regressor r.
+    teacher_feature: [B, H, W, C] teacher hint-layer feature u_h; no gradient.
+  """
+  if regressed.shape != teacher_feature.shape:
+    raise ValueError(
+        f'Hint shapes differ: regressed student feature {regressed.shape} vs teacher '
+        f'{teacher_feature.shape}; the regressor must map to the teacher width.')
+  diff = regressed.astype(jnp.float32) - jax.lax.stop_gradient(teacher_feature).astype(jnp.float32)
+  return 0.5 * jnp.mean(jnp.sum(jnp.square(diff), axis=tuple(range(1, diff.ndim))))
