@@ -1,0 +1,214 @@
+"""Data sources, augmentation, host slicing, determinism and bad input."""
+
+import os
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from fsp_jax import data
+
+CIFAR10 = os.environ.get(
+    'FSP_CIFAR10', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10'))
+
+
+def _write_image(path, seed, size=(12, 10)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pixels = np.random.default_rng(seed).integers(0, 256, size + (3,), dtype=np.uint8)
+  Image.fromarray(pixels).save(path)
+
+
+def make_cub(root, num_images=8, num_classes=3):
+  """A tiny CUB_200_2011 tree: images/, images.txt, image_class_labels.txt, ... (1-based ids)."""
+  lines = {'images.txt': [], 'image_class_labels.txt': [], 'train_test_split.txt': []}
+  for i in range(1, num_images + 1):
+    c = (i - 1) % num_classes + 1
+    rel = f'{c:03d}.Bird_{c}/img_{i}.jpg'
+    _write_image(os.path.join(root, 'images', rel), i, size=(20 + i, 16))
+    lines['images.txt'].append(f'{i} {rel}')
+    lines['image_class_labels.txt'].append(f'{i} {c}')
+    lines['train_test_split.txt'].append(f'{i} {int(i % 2 == 1)}')
+  lines['classes.txt'] = [f'{c} {c:03d}.Bird_{c}' for c in range(1, num_classes + 1)]
+  for name, rows in lines.items():
+    with open(os.path.join(root, name), 'w') as f:
+      f.write('\n'.join(rows) + '\n')
+  return root
+
+
+def make_folder(root, per_class=3, classes=('cat', 'dog')):
+  for c, name in enumerate(classes):
+    for i in range(per_class):
+      _write_image(os.path.join(root, 'train', name, f'{i}.png'), 10 * c + i)
+  return root
+
+
+def _config(**kwargs):
+  return ml_collections.ConfigDict(dict(dict(image_size=32, augment='cifar'), **kwargs))
+
+
+@pytest.mark.parametrize('name,num_classes', [('cifar10', 10), ('cifar100', 100),
+                                              ('caltech_birds2011', 200)])
+def test_tfds_sources(name, num_classes):
+  with tfds.testing.mock_data(num_examples=12):
+    source = data.get_source(_config(name=name), 'train')
+    assert len(source) == 12 and source.num_classes == num_classes
+    preprocess = data.Preprocess(16, 'crop_flip' if name == 'caltech_birds2011' else 'cifar')
+    hosts = [next(data.train_batches(source, preprocess, 8, seed=0, process_index=i,
+                                     process_count=2)) for i in range(2)]
+  for batch in hosts:
+    assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].dtype == np.int32
+    assert batch['label'].min() >= 0 and batch['label'].max() < num_classes
+  global_indices = data.train_indices(12, 8, seed=0, step=0)
+  np.testing.assert_array_equal(np.concatenate([h['label'] for h in hosts]),
+                                [source[i][1] for i in global_indices])
+
+
+def test_unprepared_tfds_names_data_dir(tmp_path):
+  with pytest.raises(ValueError, match=f"'cifar10'.*data_dir='{tmp_path}'.*tfds build"):
+    data.get_source(_config(name='cifar10', data_dir=str(tmp_path)), 'train')
+
+
+@pytest.fixture(scope='module')
+def cifar10_test():
+  if not os.path.isdir(CIFAR10):
+    pytest.skip(f'real CIFAR-10 not found at {CIFAR10} (set FSP_CIFAR10 to its folder)')
+  return data.folder_source(CIFAR10, 'test')
+
+
+def test_real_cifar10_slice(cifar10_test):
+  assert cifar10_test.num_classes == 10 and len(cifar10_test) == 10_000
+  picks = np.random.default_rng(0).choice(len(cifar10_test), 2000, replace=False)
+  images, labels = zip(*(cifar10_test[i] for i in picks))
+  assert set(labels) == set(range(10))
+  mean = np.stack(images).reshape(-1, 3).mean(axis=0)
+  np.testing.assert_allclose(mean, (126.0, 123.7, 114.8), atol=2.0)
+
+
+def test_cub_layout(tmp_path):
+  root = make_cub(str(tmp_path / 'CUB_200_2011'))
+  train, test = data.cub_source(root, 'train'), data.cub_source(root, 'test')
+  assert (len(train), len(test), train.num_classes) == (4, 4, 3)
+  # Odd ids are training images; class c of id i is (i - 1) % 3, 0-based.
+  assert [os.path.basename(p) for p in train.paths] == ['img_1.jpg', 'img_3.jpg', 'img_5.jpg',
+                                                        'img_7.jpg']
+  assert list(train.labels) == [0, 2, 1, 0] and list(test.labels) == [1, 0, 2, 1]
+  image, label = test[0]
+  assert image.shape == (22, 16, 3) and label == 1
+  batch = next(data.eval_batches(test, data.Preprocess(8, 'crop_flip'), 8, 0, 1))
+  assert batch['image'].shape == (8, 8, 8, 3) and list(batch['mask']) == [True] * 4 + [False] * 4
+
+
+def test_cub_labels_disagree(tmp_path):
+  root = make_cub(str(tmp_path / 'cub'))
+  with open(os.path.join(root, 'train_test_split.txt'), 'a') as f:
+    f.write('99 1\n')
+  with pytest.raises(ValueError, match=r'train_test_split.txt and images.txt.*\[99\]'):
+    data.cub_source(root, 'train')
+
+
+def test_cub_missing_file(tmp_path):
+  root = make_cub(str(tmp_path / 'cub'))
+  os.remove(os.path.join(root, 'classes.txt'))
+  with pytest.raises(ValueError, match='classes.txt does not exist'):
+    data.cub_source(root, 'train')
+
+
+def test_folder_source_and_bad_input(tmp_path):
+  root = make_folder(str(tmp_path / 'f'))
+  source = data.get_source(_config(name='folder', root=root), 'train')
+  assert len(source) == 6 and list(source.labels) == [0, 0, 0, 1, 1, 1]
+  subset = data.folder_source(root, 'train', classes=['dog'], max_per_class=2)
+  assert len(subset) == 2 and subset.num_classes == 1
+  with pytest.raises(ValueError, match=r'f/test does not exist'):
+    data.folder_source(root, 'test')
+  with pytest.raises(ValueError, match=r"\['bird'\] not found"):
+    data.folder_source(root, 'train', classes=['bird'])
+  os.makedirs(os.path.join(root, 'train', 'empty'))
+  with pytest.raises(ValueError, match=r'empty holds no images'):
+    data.folder_source(root, 'train')
+  with open(os.path.join(root, 'train', 'empty', 'broken.jpg'), 'wb') as f:
+    f.write(b'not a jpeg at all')
+  with pytest.raises(ValueError, match=r'broken.jpg'):
+    data.folder_source(root, 'train')
+
+
+def test_unknown_names():
+  with pytest.raises(ValueError, match="Unknown data set 'imagenet'.*cifar10.*digits"):
+    data.get_source(_config(name='imagenet'), 'train')
+  with pytest.raises(ValueError, match="augment 'autoaugment'.*cifar, crop_flip, none"):
+    data.get_preprocess(_config(augment='autoaugment'))
+
+
+def test_digits():
+  train, test = data.digits_source('train'), data.digits_source('test')
+  assert (len(train), len(test), train.num_classes) == (1437, 360, 10)
+  image, label = train[0]
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and 0 <= label < 10
+  assert set(test.labels) == set(range(10))
+
+
+def test_cifar_augmentation():
+  image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+  plain = data.Preprocess(32, 'none', (0, 0, 0), (1, 1, 1))
+  np.testing.assert_array_equal(plain(image, np.random.default_rng(0)), image)
+  augment = data.Preprocess(32, 'cifar', (0, 0, 0), (1, 1, 1))
+  outs = [augment(image, np.random.default_rng(s)) for s in range(20)]
+  assert any(not np.array_equal(o, image) for o in outs)
+  for out in outs:  # Every output is a shifted (possibly flipped) window of the padded image.
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0))).astype(np.float32)
+    windows = [padded[t:t + 32, l:l + 32] for t in range(9) for l in range(9)]
+    assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
+  np.testing.assert_array_equal(augment(image, None), image)  # evaluation: unchanged
+
+
+def test_hosts_read_disjoint_slices_that_cover_the_split():
+  source = data.ArraySource(np.zeros((10, 4, 4, 3), np.uint8), np.arange(10), 10)
+  preprocess = data.Preprocess(4, 'none')
+  seen = []
+  for host in range(2):
+    for batch in data.eval_batches(source, preprocess, 4, host, 2):
+      seen += list(batch['label'][batch['mask']])
+  assert sorted(seen) == list(range(10)) and len(seen) == 10
+  train = [next(data.train_batches(source, preprocess, 4, 0, 0, host, 2))['label']
+           for host in range(2)]
+  assert not set(train[0]) & set(train[1])
+  epoch = np.concatenate([data.train_indices(10, 4, 0, step) for step in range(2)])
+  assert len(set(epoch)) == 8
+
+
+def test_same_seed_same_batches_and_resume():
+  source = data.digits_source('train')
+  preprocess = data.Preprocess(32, 'cifar')
+  first = data.train_batches(source, preprocess, 16, seed=3)
+  uninterrupted = [next(first) for _ in range(5)]
+  again = data.train_batches(source, preprocess, 16, seed=3)
+  np.testing.assert_array_equal(next(again)['image'], uninterrupted[0]['image'])
+  resumed = next(data.train_batches(source, preprocess, 16, seed=3, start_step=4))
+  np.testing.assert_array_equal(resumed['image'], uninterrupted[4]['image'])
+  np.testing.assert_array_equal(resumed['label'], uninterrupted[4]['label'])
+  other = next(data.train_batches(source, preprocess, 16, seed=4))
+  assert not np.array_equal(other['label'], uninterrupted[0]['label'])
+
+
+def test_shard_and_batch_errors():
+  batch = {'image': np.zeros((8, 2, 2, 3)), 'label': np.zeros(8)}
+  assert data.shard(batch, 4)['image'].shape == (4, 2, 2, 2, 3)
+  with pytest.raises(ValueError, match='6 examples.*4 local devices'):
+    data.shard({'label': np.zeros(6)}, 4)
+  with pytest.raises(ValueError, match='global batch size 6.*number of hosts 4'):
+    data.host_slice(6, 0, 4)
+  with pytest.raises(ValueError, match='batch size 64 exceeds the 10'):
+    data.train_indices(10, 64, 0, 0)
+
+
+def test_prefetch_keeps_order_and_raises():
+  assert list(data.prefetch(iter(range(5)))) == list(range(5))
+
+  def failing():
+    yield 1
+    raise ValueError('broken input')
+  with pytest.raises(ValueError, match='broken input'):
+    list(data.prefetch(failing()))
