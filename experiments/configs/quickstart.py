@@ -1,0 +1,33 @@
+r"""Quickstart: FSP on the real handwritten digits that ship with scikit-learn (no download).
+
+A ResNet-20 teacher, then ResNet-8 students trained alone (scratch) and with FSP (stage 1 on
+the teacher's FSP matrices, stage 2 on the labels), in a few minutes on 2 CPU cores:
+
+  python experiments/main.py --config=experiments/configs/quickstart.py --workdir=/tmp/quickstart
+"""
+
+from fsp_jax import config as config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.default()
+  config.methods = 'scratch,fsp'
+  config.num_nets = 2
+  config.batch_size = 64
+  config.eval_batch_size = 120
+  config.log_every = 100
+  config.eval_every = 0
+  config.checkpoint_every = 500
+  config.data.name = 'digits'
+  config.data.image_size = 16
+  config.data.augment = 'none'
+  config.teacher.model = 'resnet20'
+  config.teacher.num_nets = 1
+  config.teacher.schedule = config_lib.schedule((0.1, 0.01), (600, 800))
+  config.student.model = 'resnet8'
+  config.scratch = config_lib.schedule((0.1, 0.01), (150, 200))
+  config.fsp.stage1 = config_lib.schedule((1e-3, 1e-4), (150, 200))
+  config.fsp.stage2 = config_lib.schedule((0.1, 0.01), (150, 200))
+  if arg == 'tiny':
+    config_lib.scale_steps(config, 0.01)
+  return config

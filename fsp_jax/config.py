@@ -1,0 +1,182 @@
+"""Experiment configuration: defaults, learning-rate schedules and validation.
+
+Experiment files in experiments/configs start from `default()` and override what differs.
+`validate` checks a config before anything is compiled, naming the key and what it accepts.
+"""
+
+import os
+from typing import Sequence
+
+import jax
+import ml_collections
+
+from fsp_jax import data, models
+
+METHODS = ('scratch', 'fsp', 'fsp_shuffled', 'fitnet', 'kd')
+TEACHER_METHODS = ('fsp', 'fsp_shuffled', 'fitnet', 'kd')
+DTYPES = ('float32', 'bfloat16')
+
+
+def schedule(lrs: Sequence[float], until: Sequence[int]) -> ml_collections.ConfigDict:
+  """Piecewise-constant learning rate: lrs[k] until iteration until[k]; until[-1] = length."""
+  return ml_collections.ConfigDict({'lrs': tuple(lrs), 'until': tuple(until)})
+
+
+def default() -> ml_collections.ConfigDict:
+  """The paper's CIFAR-10 recipe with ResNet-26 teacher and student (Table 1)."""
+  c = ml_collections.ConfigDict()
+  c.methods = 'scratch,fsp'     # Comma-separated rows of the table, after the teacher's.
+  c.num_nets = 3                # Students per method (Net 1..3 and their ensemble).
+  c.seed = 0
+  c.batch_size = 128            # Global: over all devices and hosts.
+  c.eval_batch_size = 500
+  c.weight_decay = 1e-4
+  c.momentum = 0.9
+  c.dtype = 'float32'           # Computation dtype; parameters stay float32.
+  c.log_every = 100
+  c.eval_every = 2000           # Test accuracy during training (0: only at the end).
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cifar10'       # cifar10, cifar100, caltech_birds2011, folder, cub, digits.
+  c.data.root = ''              # For folder and cub.
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # For TFDS.
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.image_size = 32
+  c.data.augment = 'cifar'      # cifar, crop_flip or none.
+  c.data.normalize = 'cifar'    # cifar or imagenet statistics.
+  c.data.classes = ml_collections.FieldReference(None, field_type=tuple)  # Folder subset.
+  c.data.max_per_class = ml_collections.FieldReference(None, field_type=int)
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.model = 'resnet26'
+  c.teacher.width = 1
+  c.teacher.checkpoint = ''     # Orbax {'params', 'batch_stats'}; empty: train it first.
+  c.teacher.num_nets = 3        # Teachers trained when there is no checkpoint.
+  c.teacher.schedule = schedule((0.1, 0.01, 0.001), (32_000, 48_000, 64_000))
+
+  c.student = ml_collections.ConfigDict()
+  c.student.model = 'resnet26'
+  c.student.width = 1
+  c.student.adapter = False     # Learned 1x1 conv + BN where stage widths differ.
+
+  # 'scratch': the student trained alone, the paper's Teacher* / Student rows.
+  c.scratch = schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
+
+  c.fsp = ml_collections.ConfigDict()
+  c.fsp.stage1 = schedule((1e-3, 1e-4, 1e-5), (11_000, 16_000, 21_000))
+  c.fsp.stage2 = schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
+  c.fsp.weights = ml_collections.FieldReference(None, field_type=tuple)  # lambda_i; equal.
+  c.fsp.shuffle_seed = 0        # Permutation of the teacher's rows and columns (fsp_shuffled).
+  c.fsp.task_weight = 0.0       # Optional FSP term added to the stage-2 loss.
+
+  c.fitnet = ml_collections.ConfigDict()
+  c.fitnet.hint = 'stage2_out'  # Teacher hint and student guided layer (the middle).
+  c.fitnet.stage1 = schedule((1e-4, 1e-5), (25_000, 35_000))
+  c.fitnet.stage2 = schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
+  c.fitnet.temperature = 3.0
+  c.fitnet.kd_weight = (4.0, 1.0)  # FitNet's lambda, decreased linearly over stage 2.
+
+  c.kd = ml_collections.ConfigDict()
+  c.kd.schedule = schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
+  c.kd.temperature = 4.0
+  c.kd.weight = 1.0             # Cross-entropy + weight * Hinton's tau^2-scaled KL.
+  return c
+
+
+def schedules(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """Every learning-rate schedule of a config, by key."""
+  return {'teacher.schedule': config.teacher.schedule, 'scratch': config.scratch,
+          'fsp.stage1': config.fsp.stage1, 'fsp.stage2': config.fsp.stage2,
+          'fitnet.stage1': config.fitnet.stage1, 'fitnet.stage2': config.fitnet.stage2,
+          'kd.schedule': config.kd.schedule}
+
+
+def scale_steps(config: ml_collections.ConfigDict, factor: float) -> ml_collections.ConfigDict:
+  """Shortens (or lengthens) every schedule by factor, keeping the paper's ratios."""
+  for sched in schedules(config).values():
+    until = []
+    for u in sched.until:  # At least one step per learning rate.
+      until.append(max(round(u * factor), until[-1] + 1 if until else 1))
+    sched.until = tuple(until)
+  for key in ('log_every', 'eval_every', 'checkpoint_every'):
+    if config[key]:
+      config[key] = max(1, round(config[key] * factor))
+  return config
+
+
+def method_list(config: ml_collections.ConfigDict) -> list[str]:
+  return [m.strip() for m in config.methods.split(',') if m.strip()]
+
+
+def _fail(key: str, message: str):
+  raise ValueError(f'config.{key}: {message}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks types, ranges, names, paths and divisibility; raises ValueError naming the key."""
+  methods = method_list(config)
+  unknown = [m for m in methods if m not in METHODS]
+  if not methods or unknown:
+    _fail('methods', f'unknown {unknown or "(empty)"}; expected a comma-separated list of '
+          f'{", ".join(METHODS)}.')
+  for key in ('num_nets', 'teacher.num_nets', 'batch_size', 'eval_batch_size',
+              'log_every', 'checkpoint_every', 'keep_checkpoints', 'teacher.width',
+              'student.width', 'data.image_size'):
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      _fail(key, f'expected a positive integer, got {value!r}.')
+  if not isinstance(config.eval_every, int) or config.eval_every < 0:
+    _fail('eval_every', f'expected an integer >= 0, got {config.eval_every!r}.')
+  if config.dtype not in DTYPES:
+    _fail('dtype', f'unknown {config.dtype!r}; expected one of {", ".join(DTYPES)}.')
+  for key in ('weight_decay', 'momentum'):
+    if not 0 <= _get(config, key) < 1:
+      _fail(key, f'expected a number in [0, 1), got {_get(config, key)!r}.')
+  for key, sched in schedules(config).items():
+    _validate_schedule(key, sched)
+  for key in ('teacher.model', 'student.model'):
+    try:
+      models.get(_get(config, key), num_classes=1)
+    except ValueError as e:
+      _fail(key, str(e))
+  if config.data.name not in data.SOURCES:
+    _fail('data.name', f'unknown data set {config.data.name!r}; expected one of '
+          f'{", ".join(data.SOURCES)}.')
+  if config.data.augment not in data.AUGMENTATIONS:
+    _fail('data.augment', f'unknown {config.data.augment!r}; expected one of '
+          f'{", ".join(data.AUGMENTATIONS)}.')
+  if config.data.name in ('folder', 'cub') and not os.path.isdir(config.data.root):
+    _fail('data.root', f'folder {config.data.root!r} does not exist (needed by data.name='
+          f'{config.data.name!r}).')
+  if config.teacher.checkpoint and not os.path.isdir(config.teacher.checkpoint):
+    _fail('teacher.checkpoint', f'{config.teacher.checkpoint!r} does not exist; give an Orbax '
+          'checkpoint of {params, batch_stats}, or leave it empty to train the teacher first.')
+  for key in ('batch_size', 'eval_batch_size'):
+    devices = jax.device_count()
+    if _get(config, key) % devices:
+      _fail(key, f'{_get(config, key)} is not divisible by the {devices} devices '
+            f'({jax.process_count()} hosts x {jax.local_device_count()} local devices).')
+  if not 0 <= config.fsp.task_weight:
+    _fail('fsp.task_weight', f'expected a weight >= 0, got {config.fsp.task_weight!r}.')
+  if len(config.fitnet.kd_weight) != 2:
+    _fail('fitnet.kd_weight', f'expected (start, end), got {config.fitnet.kd_weight!r}.')
+
+
+def _get(config, key):
+  for part in key.split('.'):
+    config = config[part]
+  return config
+
+
+def _validate_schedule(key: str, sched: ml_collections.ConfigDict) -> None:
+  lrs, until = tuple(sched.lrs), tuple(sched.until)
+  if not lrs or len(lrs) != len(until):
+    _fail(key, f'lrs {lrs} and until {until} must be non-empty and of equal length.')
+  if any(not isinstance(u, int) or u < 1 for u in until) or list(until) != sorted(set(until)):
+    _fail(f'{key}.until', f'iteration boundaries must be positive integers in increasing '
+          f'order, got {until}.')
+  if any(not lr > 0 for lr in lrs):
+    _fail(f'{key}.lrs', f'learning rates must be positive, got {lrs}.')

@@ -1,0 +1,549 @@
+"""Two-stage FSP training: train state, jitted + pmapped steps, and `train_and_evaluate`.
+
+In the style of flax examples/imagenet: pure step functions pmapped over the local devices
+with axis_name='batch' (gradients and BatchNorm statistics averaged with lax.pmean), and a
+loop that feeds them. Teachers are never in the train state: they run in inference mode from
+their own checkpoint, are never differentiated and never re-saved (big_vision's pattern).
+
+A *run* trains one network (net k of a method) through its phases: 'train' for plain
+training, 'stage1' then 'stage2' for FSP and FitNet. Every phase checkpoints into
+workdir/<method>/net<k>/<phase> and resumes from there; a finished run leaves result.json,
+its test-set probabilities (for ensembles) and model/ (its variables, usable as a teacher).
+"""
+
+import bisect
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Iterator
+
+import flax
+from flax import jax_utils
+import flax.linen as nn
+import jax
+from jax import lax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from fsp_jax import adapters, data, fsp, losses, models, report
+from fsp_jax import config as config_lib
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """What a checkpoint holds: the student's variables, optimizer state and step."""
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+class Student(nn.Module):
+  """A network and what distillation adds on its side: (logits, features).
+
+  Attributes:
+    backbone: a `fsp_jax.models` network.
+    adapter: ((feature name, teacher width), ...): 1x1 conv + BN channel adapters applied to
+      the FSP features (only for pairs whose widths differ).
+    hint: (feature name, teacher width): FitNet's regressor, its output in features['hint'].
+  """
+  backbone: nn.Module
+  adapter: tuple[tuple[str, int], ...] = ()
+  hint: tuple[str, int] | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    logits, features = self.backbone(x, train=train)
+    if self.hint:
+      name, width = self.hint
+      regressor = adapters.ChannelAdapter({name: width}, kernel_size=3, norm=False,
+                                          name='hint_regressor')
+      features = {**features, 'hint': regressor(features, train)[name]}
+    if self.adapter:
+      features = adapters.ChannelAdapter(dict(self.adapter), axis_name=self.backbone.axis_name,
+                                         name='adapter')(features, train)
+    return logits, features
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One stage of training: a learning-rate schedule and weighted loss terms.
+
+  Attributes:
+    name: 'train', 'stage1' or 'stage2'; names the checkpoint folder.
+    lrs, until: lrs[k] is used until iteration until[k]; until[-1] is the length.
+    terms: ((term, weight at the first step, weight at the last step), ...) with term one
+      of 'ce', 'fsp', 'kd', 'hint'; weights change linearly in between.
+  """
+  name: str
+  lrs: tuple[float, ...]
+  until: tuple[int, ...]
+  terms: tuple[tuple[str, float, float], ...]
+
+  @property
+  def steps(self) -> int:
+    return self.until[-1]
+
+  def learning_rate(self, step: int) -> float:
+    return self.lrs[min(bisect.bisect_right(self.until, step), len(self.lrs) - 1)]
+
+  def weights(self, step: int) -> dict[str, float]:
+    progress = step / max(1, self.steps - 1)
+    return {term: start + (end - start) * progress for term, start, end in self.terms}
+
+
+def _phase(name, schedule, *terms) -> Phase:
+  return Phase(name, tuple(schedule.lrs), tuple(schedule.until), tuple(terms))
+
+
+def method_phases(method: str, config: ml_collections.ConfigDict) -> list[Phase]:
+  """The phases of a method; 'teacher' uses the teacher's recipe."""
+  ce = ('ce', 1.0, 1.0)
+  if method == 'teacher':
+    return [_phase('train', config.teacher.schedule, ce)]
+  if method == 'scratch':
+    return [_phase('train', config.scratch, ce)]
+  if method in ('fsp', 'fsp_shuffled'):
+    stage2 = [ce] + ([('fsp', config.fsp.task_weight, config.fsp.task_weight)]
+                     if config.fsp.task_weight else [])
+    return [_phase('stage1', config.fsp.stage1, ('fsp', 1.0, 1.0)),
+            _phase('stage2', config.fsp.stage2, *stage2)]
+  if method == 'fitnet':
+    # FitNet weighs a KL without the tau^2 of Hinton's kd_loss: divide it back out.
+    start, end = (w / config.fitnet.temperature**2 for w in config.fitnet.kd_weight)
+    return [_phase('stage1', config.fitnet.stage1, ('hint', 1.0, 1.0)),
+            _phase('stage2', config.fitnet.stage2, ce, ('kd', start, end))]
+  if method == 'kd':
+    return [_phase('train', config.kd.schedule, ce, ('kd', config.kd.weight, config.kd.weight))]
+  raise ValueError(f'Unknown method {method!r}; expected teacher or one of '
+                   f'{", ".join(config_lib.METHODS)}.')
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay added to the gradient (coupled), as in the ResNet
+  recipe the paper follows; the step scales the result by -learning_rate."""
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.trace(decay=config.momentum))
+
+
+def shuffle_fsp(matrices: list[jnp.ndarray], seed: int) -> list[jnp.ndarray]:
+  """The paper's dagger ablation: rows and columns of each [B, M, N] matrix permuted by a
+  fixed random permutation."""
+  rng = np.random.default_rng(seed)
+  return [g[:, rng.permutation(g.shape[1])][:, :, rng.permutation(g.shape[2])]
+          for g in matrices]
+
+
+@dataclasses.dataclass(frozen=True)
+class Terms:
+  """The loss terms of a step and their settings (hashable: it keys the compiled steps)."""
+  names: tuple[str, ...]
+  temperature: float = 1.0
+  shuffle_seed: int | None = None
+  hint: str | None = None
+
+  def __call__(self, logits, features, labels, teacher_logits, teacher_features):
+    """Each term's value: {'ce': scalar, 'fsp': scalar, ...}."""
+    values = {}
+    if 'ce' in self.names:
+      values['ce'] = losses.cross_entropy(logits, labels)
+    if 'fsp' in self.names:
+      target = fsp.fsp_matrices(teacher_features)
+      if self.shuffle_seed is not None:
+        target = shuffle_fsp(target, self.shuffle_seed)
+      values['fsp'] = losses.fsp_l2(fsp.fsp_matrices(features), target)
+    if 'kd' in self.names:
+      values['kd'] = losses.kd_loss(logits, teacher_logits, self.temperature)
+    if 'hint' in self.names:
+      values['hint'] = losses.hint_loss(features['hint'], teacher_features[self.hint])
+    return values
+
+
+def method_terms(method: str, config: ml_collections.ConfigDict, phase: Phase) -> Terms:
+  names = tuple(term for term, _, _ in phase.terms)
+  if method == 'fitnet':
+    return Terms(names, config.fitnet.temperature, hint=config.fitnet.hint)
+  if method == 'kd':
+    return Terms(names, config.kd.temperature)
+  if method == 'fsp_shuffled':
+    return Terms(names, shuffle_seed=config.fsp.shuffle_seed)
+  return Terms(names)
+
+
+@functools.cache
+def make_train_step(student: Student, teacher: Student | None, terms: Terms,
+                    tx: optax.GradientTransformation):
+  """A pmapped step (state, batch, teacher_variables, lr, weights) -> (state, metrics).
+
+  batch: {'image': [devices, b, H, W, 3], 'label': [devices, b]}; lr and weights
+  ({term: weight}) are host scalars, broadcast to every device. The state is donated.
+  """
+
+  def step(state, batch, teacher_variables, lr, weights):
+    teacher_logits = teacher_features = None
+    if teacher is not None:
+      teacher_logits, teacher_features = teacher.apply(teacher_variables, batch['image'],
+                                                       train=False)
+
+    def objective(params):
+      (logits, features), updates = student.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+          mutable=['batch_stats'])
+      values = terms(logits, features, batch['label'], teacher_logits, teacher_features)
+      loss = sum(weights[name] * values[name] for name in terms.names)
+      return loss, (updates['batch_stats'], {'loss': loss, **values})
+
+    grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
+    grads = lax.pmean(grads, 'batch')
+    batch_stats = lax.pmean(batch_stats, 'batch')
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, lax.pmean(metrics, 'batch')
+
+  return jax.pmap(step, axis_name='batch', in_axes=(0, 0, 0, None, None), donate_argnums=(0,))
+
+
+@functools.cache
+def make_eval_step(model: Student):
+  """A pmapped step (variables, batch with 'mask') -> (summed metrics, probabilities)."""
+
+  def step(variables, batch):
+    logits, _ = model.apply(variables, batch['image'], train=False)
+    mask = batch['mask']
+    metrics = {
+        'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+        'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch['label']) * mask),
+        'count': jnp.sum(mask)}
+    return lax.psum(metrics, 'batch'), jax.nn.softmax(logits)
+
+  return jax.pmap(step, axis_name='batch')
+
+
+def create_train_state(model: Student, rng: jax.Array, image_size: int,
+                       tx: optax.GradientTransformation) -> TrainState:
+  """Initialises the model on a [1, S, S, 3] input (outside pmap, so BN needs no axis)."""
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  init_model = model.clone(backbone=model.backbone.clone(axis_name=None))
+  variables = jax.jit(functools.partial(init_model.init, train=False))(rng, x)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                    batch_stats=variables['batch_stats'],
+                    opt_state=tx.init(variables['params']))
+
+
+def evaluate(model: Student, variables, source, preprocess, batch_size: int):
+  """Accuracy and loss over a split; its probabilities [N, classes] and labels [N], in order."""
+  eval_step = make_eval_step(model)
+  local = jax.local_device_count()
+  totals, probs, labels, masks = None, [], [], []
+  for batch in data.prefetch(data.eval_batches(source, preprocess, batch_size)):
+    metrics, p = eval_step(variables, data.shard(batch, local))
+    metrics = jax.device_get(jax_utils.unreplicate(metrics))
+    totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
+    probs.append(np.asarray(p).reshape(-1, p.shape[-1]))
+    labels.append(batch['label'])
+    masks.append(batch['mask'])
+  probs, labels, masks = (_gather_in_order(x) for x in (probs, labels, masks))
+  count = max(1, int(totals['count']))
+  metrics = {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count}
+  return metrics, probs[masks], labels[masks]
+
+
+def _gather_in_order(chunks: list[np.ndarray]) -> np.ndarray:
+  """Per-host eval chunks [per-host batch, ...] -> all examples [N, ...] in global order."""
+  x = np.asarray(multihost_utils.process_allgather(np.stack(chunks)))  # [hosts, batches, ...]
+  return np.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:])
+
+
+class Progress:
+  """Prints one line every `every` steps: phase, step, loss terms, images/s and ETA."""
+
+  def __init__(self, label: str, start: int, total: int, batch_size: int, every: int):
+    self.label, self.total, self.batch_size, self.every = label, total, batch_size, every
+    self.last_step, self.last_time = start, time.time()
+
+  def update(self, step: int, metrics: dict[str, float]) -> float:
+    """Reports metrics after `step` steps; returns the images/s since the last report."""
+    now = time.time()
+    rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+    eta = (self.total - step) * self.batch_size / max(rate, 1e-9)
+    terms = ' '.join(f'{k} {v:.4g}' for k, v in metrics.items())
+    _print(f'[{self.label}] {step}/{self.total} ({100 * step / self.total:.0f}%) {terms} | '
+           f'{rate:.0f} img/s | ETA {_duration(eta)}')
+    self.last_step, self.last_time = step, now
+    return rate
+
+
+def _print(line: str):
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return (f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600
+          else f'{seconds // 60}m{seconds % 60:02d}s')
+
+
+class Writer:
+  """TensorBoard scalars from process 0 (tensorboardX); a no-op elsewhere."""
+
+  def __init__(self, logdir: str):
+    self.writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.writer = SummaryWriter(logdir)
+
+  def scalars(self, step: int, values: dict[str, float]):
+    if self.writer:
+      for key, value in values.items():
+        self.writer.add_scalar(key, value, step)
+      self.writer.flush()
+
+  def close(self):
+    if self.writer:
+      self.writer.close()
+
+
+def _manager(directory: str, config) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+
+@dataclasses.dataclass
+class Context:
+  """What every run of an experiment shares."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  train_source: Any
+  eval_source: Any
+  preprocess: data.Preprocess  # Augments when given an RNG (training), not in evaluation.
+  tx: optax.GradientTransformation
+
+
+def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: Student,
+                teacher: Student | None, teacher_variables, terms: Terms, state: TrainState,
+                seed: int, offset: int, writer: Writer, history: dict) -> TrainState:
+  """Trains one phase from its latest checkpoint (or from `state`) to its end.
+
+  offset is the number of steps of earlier phases, for global step numbers in the logs.
+  """
+  config = ctx.config
+  manager = _manager(os.path.join(run_dir, phase.name), config)
+  if manager.latest_step() is not None:
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
+    _print(f'[{label} {phase.name}] resumed from step {int(state.step)}')
+  start = int(state.step)
+  if start >= phase.steps:
+    manager.close()
+    return state
+  local = jax.local_device_count()
+  batches = data.train_batches(ctx.train_source, ctx.preprocess, config.batch_size,
+                               seed, start_step=start)
+  batches = jax_utils.prefetch_to_device(
+      (data.shard(b, local) for b in data.prefetch(batches)), 2)
+  train_step = make_train_step(student, teacher, terms, ctx.tx)
+  replicated = jax_utils.replicate(state)
+  progress = Progress(f'{label} {phase.name}', start, phase.steps, config.batch_size,
+                      config.log_every)
+  for step in range(start, phase.steps):
+    weights = {k: np.float32(v) for k, v in phase.weights(step).items()}
+    replicated, metrics = train_step(replicated, next(batches), teacher_variables,
+                                     np.float32(phase.learning_rate(step)), weights)
+    done = step + 1
+    if done % config.log_every == 0 or done == phase.steps:
+      metrics = {k: float(v) for k, v in jax.device_get(jax_utils.unreplicate(metrics)).items()}
+      rate = progress.update(done, metrics)
+      writer.scalars(offset + done, {**{f'{phase.name}/{k}': v for k, v in metrics.items()},
+                                     f'{phase.name}/lr': phase.learning_rate(step),
+                                     'train/images_per_s': rate})
+      history['train'].append([offset + done, phase.name, metrics['loss']])
+    if 'ce' in terms.names and config.eval_every and done % config.eval_every == 0:
+      variables = {'params': replicated.params, 'batch_stats': replicated.batch_stats}
+      result, _, _ = evaluate(student, variables, ctx.eval_source, ctx.preprocess,
+                           config.eval_batch_size)
+      writer.scalars(offset + done, {f'eval/{k}': v for k, v in result.items()})
+      history['eval'].append([offset + done, result['accuracy']])
+    if done % config.checkpoint_every == 0 or done == phase.steps:
+      manager.save(done, args=ocp.args.StandardSave(jax.device_get(
+          jax_utils.unreplicate(replicated))))
+  manager.wait_until_finished()
+  manager.close()
+  return jax.device_get(jax_utils.unreplicate(replicated))
+
+
+def run_net(ctx: Context, method: str, net: int, model_name: str, student: Student,
+            teacher: Student | None, teacher_variables) -> dict:
+  """Trains net `net` of `method` through its phases (or finds it done) and evaluates it."""
+  config = ctx.config
+  run_dir = os.path.join(ctx.workdir, method, f'net{net + 1}')
+  result_path = os.path.join(run_dir, 'result.json')
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  start_time = time.time()
+  seed = config.seed + net
+  state = create_train_state(student, jax.random.key(seed), config.data.image_size, ctx.tx)
+  writer = Writer(os.path.join(ctx.workdir, 'tensorboard', f'{method}_net{net + 1}'))
+  history = {'train': [], 'eval': []}
+  offset = 0
+  for phase in method_phases(method, config):
+    if offset:  # A new phase keeps the weights and starts a fresh optimizer.
+      state = TrainState(step=jnp.zeros((), jnp.int32), params=state.params,
+                         batch_stats=state.batch_stats, opt_state=ctx.tx.init(state.params))
+    state = train_phase(ctx, f'{method} net{net + 1}', run_dir, phase, student, teacher,
+                        teacher_variables, method_terms(method, config, phase), state, seed,
+                        offset, writer, history)
+    offset += phase.steps
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  metrics, probs, labels = evaluate(student, jax_utils.replicate(variables), ctx.eval_source,
+                            ctx.preprocess, config.eval_batch_size)
+  history['eval'].append([offset, metrics['accuracy']])
+  writer.scalars(offset, {f'eval/{k}': v for k, v in metrics.items()})
+  writer.close()
+  export = {'params': state.params['backbone'], 'batch_stats': state.batch_stats['backbone']}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(os.path.join(run_dir, 'model')), export, force=True)
+  checkpointer.wait_until_finished()
+  result = {'method': method, 'net': net + 1, 'model': model_name,
+            **metrics, 'iterations': offset, 'wall_s': time.time() - start_time,
+            'history': history}
+  if jax.process_index() == 0:
+    np.save(os.path.join(run_dir, 'test_probs.npy'), probs.astype(np.float32))
+    np.save(os.path.join(ctx.workdir, 'test_labels.npy'), labels)
+    with open(result_path, 'w') as f:
+      json.dump(result, f)
+  return result
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
+                dtype: str) -> nn.Module:
+  return models.get(model_config.model, num_classes, model_config.width, axis_name='batch',
+                    dtype=jnp.dtype(dtype))
+
+
+def _features(model: Student, image_size: int):
+  """Shapes of a model's features on [2, S, S, 3]: traced, never compiled."""
+  x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0][1], x)
+
+
+def build_student(method: str, config: ml_collections.ConfigDict, num_classes: int,
+                  teacher: Student) -> Student:
+  """The student of a method, with FitNet's regressor or channel adapters where needed.
+
+  Raises ValueError, before anything is compiled, when its FSP points or hint layer cannot
+  be paired with the teacher's.
+  """
+  backbone = build_model(config.student, num_classes, config.dtype)
+  if method not in config_lib.TEACHER_METHODS:
+    return Student(backbone)
+  size = config.data.image_size
+  mine, theirs = _features(Student(backbone), size), _features(teacher, size)
+  if method == 'fitnet':
+    hint = config.fitnet.hint
+    if hint not in mine or hint not in theirs:
+      raise ValueError(f'config.fitnet.hint: {hint!r} is not a feature of both networks; '
+                       f'expected one of {sorted(set(mine) & set(theirs))}.')
+    return Student(backbone, hint=(hint, theirs[hint].shape[-1]))
+  if method == 'kd':
+    return Student(backbone)
+  adapter = ()
+  if config.student.adapter:
+    adapter = tuple(sorted(adapters.mismatched_widths(mine, theirs).items()))
+  student = Student(backbone, adapter=adapter)
+  try:
+    matrices = [jax.eval_shape(fsp.fsp_matrices, _features(model, size))
+                for model in (student, teacher)]
+    jax.eval_shape(losses.fsp_l2, *matrices)
+  except ValueError as e:
+    raise ValueError(f'config.student.model={config.student.model!r} (width '
+                     f'{config.student.width}) cannot be paired with config.teacher.model='
+                     f'{config.teacher.model!r} (width {config.teacher.width}): {e}') from e
+  return student
+
+
+def load_variables(path: str, model: Student, image_size: int):
+  """A model's {'params', 'batch_stats'} from an Orbax checkpoint of its backbone."""
+  x = jnp.zeros((1, image_size, image_size, 3))
+  init = model.clone(backbone=model.backbone.clone(axis_name=None))
+  target = jax.eval_shape(functools.partial(init.init, train=False), jax.random.key(0), x)
+  target = {kind: target[kind]['backbone'] for kind in ('params', 'batch_stats')}
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+  except Exception as e:  # Orbax raises several kinds for missing or mismatched trees.
+    raise ValueError(f'Cannot restore a {type(model.backbone).__name__} teacher from {path}: '
+                     f'{e}') from e
+  return {kind: {'backbone': restored[kind]} for kind in ('params', 'batch_stats')}
+
+
+def _row(ctx: Context, method: str, results: list[dict]) -> dict:
+  run_dirs = [os.path.join(ctx.workdir, method, f'net{r["net"]}') for r in results]
+  probs = [np.load(os.path.join(d, 'test_probs.npy')) for d in run_dirs]
+  labels = np.load(os.path.join(ctx.workdir, 'test_labels.npy'))
+  return report.table_row(results, probs, labels)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs an experiment: the teacher (trained or loaded), then every method's nets.
+
+  Everything is checked (config, data, model pairing) before anything is compiled. Finished
+  runs and phases in workdir are reused, so an interrupted experiment resumes where it
+  stopped. Writes results.md and results.json into workdir; returns the table's rows.
+  """
+  config_lib.validate(config)
+  methods = config_lib.method_list(config)
+  train_source = data.get_source(config.data, config.data.train_split)
+  eval_source = data.get_source(config.data, config.data.eval_split)
+  if eval_source.num_classes != train_source.num_classes:
+    raise ValueError(f'config.data: the {config.data.eval_split!r} split has '
+                     f'{eval_source.num_classes} classes, {config.data.train_split!r} has '
+                     f'{train_source.num_classes}.')
+  num_classes = train_source.num_classes
+  teacher = Student(build_model(config.teacher, num_classes, config.dtype))
+  students = {m: build_student(m, config, num_classes, teacher) for m in methods}
+  ctx = Context(config, workdir, train_source, eval_source, data.get_preprocess(config.data),
+                optimizer(config))
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+  rows, teacher_variables = [], None
+  if any(m in config_lib.TEACHER_METHODS for m in methods):
+    if config.teacher.checkpoint:
+      teacher_variables = load_variables(config.teacher.checkpoint, teacher,
+                                         config.data.image_size)
+      metrics, _, _ = evaluate(teacher, jax_utils.replicate(teacher_variables), eval_source,
+                               ctx.preprocess, config.eval_batch_size)
+      rows.append({'method': 'teacher', 'model': config.teacher.model,
+                   'nets': [metrics['accuracy']], 'avg': metrics['accuracy'],
+                   'ensemble': None, 'iterations': 0, 'wall_s': 0.0})
+    else:
+      results = [run_net(ctx, 'teacher', k, config.teacher.model, teacher, None, None)
+                 for k in range(config.teacher.num_nets)]
+      rows.append(_row(ctx, 'teacher', results))
+      teacher_variables = load_variables(os.path.join(workdir, 'teacher', 'net1', 'model'),
+                                         teacher, config.data.image_size)
+    teacher_variables = jax_utils.replicate(teacher_variables)
+
+  for method in methods:
+    uses_teacher = method in config_lib.TEACHER_METHODS
+    results = [run_net(ctx, method, k, config.student.model, students[method],
+                       teacher if uses_teacher else None,
+                       teacher_variables if uses_teacher else None)
+               for k in range(config.num_nets)]
+    rows.append(_row(ctx, method, results))
+  if jax.process_index() == 0:
+    table = report.write_results(workdir, rows)
+    _print(f'\nResults ({workdir}/results.md):\n\n{table}\n')
+  return rows
