@@ -29,7 +29,7 @@ def default() -> ml_collections.ConfigDict:
   c.num_nets = 3                # Students per method (Net 1..3 and their ensemble).
   c.seed = 0
   c.batch_size = 128            # Global: over all devices and hosts.
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512
   c.weight_decay = 1e-4
   c.momentum = 0.9
   c.dtype = 'float32'           # Computation dtype; parameters stay float32.
@@ -54,6 +54,7 @@ def default() -> ml_collections.ConfigDict:
   c.teacher.model = 'resnet26'
   c.teacher.width = 1
   c.teacher.checkpoint = ''     # Orbax {'params', 'batch_stats'}; empty: train it first.
+  c.teacher.num_classes = 0     # Outputs of a checkpointed teacher; 0: the data set's.
   c.teacher.num_nets = 3        # Teachers trained when there is no checkpoint.
   c.teacher.schedule = schedule((0.1, 0.01, 0.001), (32_000, 48_000, 64_000))
 
@@ -77,7 +78,8 @@ def default() -> ml_collections.ConfigDict:
   c.fitnet.stage1 = schedule((1e-4, 1e-5), (25_000, 35_000))
   c.fitnet.stage2 = schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
   c.fitnet.temperature = 3.0
-  c.fitnet.kd_weight = (4.0, 1.0)  # FitNet's lambda, decreased linearly over stage 2.
+  c.fitnet.kd_weight = (4.0, 1.0)  # FitNet's lambda, decreased linearly over stage 2;
+                                   # (0, 0) for cross-entropy alone (a teacher of other classes).
 
   c.kd = ml_collections.ConfigDict()
   c.kd.schedule = schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
@@ -104,6 +106,23 @@ def scale_steps(config: ml_collections.ConfigDict, factor: float) -> ml_collecti
   for key in ('log_every', 'eval_every', 'checkpoint_every'):
     if config[key]:
       config[key] = max(1, round(config[key] * factor))
+  return config
+
+
+def tiny(config: ml_collections.ConfigDict, image_size: int = 16) -> ml_collections.ConfigDict:
+  """A few steps of every phase on the embedded digits: an experiment's whole pipeline, fast."""
+  config.data.name = 'digits'
+  config.data.image_size = image_size
+  config.data.augment = 'none'
+  config.batch_size = 16
+  config.eval_batch_size = 120
+  config.num_nets = min(config.num_nets, 2)
+  config.teacher.num_nets = 1
+  config.log_every = 1
+  config.eval_every = 0
+  config.checkpoint_every = 2
+  for sched in schedules(config).values():
+    sched.until = tuple(range(1, len(sched.lrs) + 1))
   return config
 
 
@@ -163,6 +182,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail('fsp.task_weight', f'expected a weight >= 0, got {config.fsp.task_weight!r}.')
   if len(config.fitnet.kd_weight) != 2:
     _fail('fitnet.kd_weight', f'expected (start, end), got {config.fitnet.kd_weight!r}.')
+  if config.teacher.num_classes:
+    if not config.teacher.checkpoint:
+      _fail('teacher.num_classes', 'only a teacher loaded from config.teacher.checkpoint may '
+            'have its own classes; a teacher trained here predicts the data set\'s (use 0).')
+    uses_logits = [m for m in methods
+                   if m == 'kd' or (m == 'fitnet' and any(config.fitnet.kd_weight))]
+    if uses_logits:
+      _fail('teacher.num_classes', f'methods {uses_logits} distill the teacher\'s logits, which '
+            'need the data set\'s classes; set teacher.num_classes=0 or '
+            'fitnet.kd_weight=(0.0, 0.0).')
 
 
 def _get(config, key):

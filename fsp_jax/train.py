@@ -116,8 +116,9 @@ def method_phases(method: str, config: ml_collections.ConfigDict) -> list[Phase]
   if method == 'fitnet':
     # FitNet weighs a KL without the tau^2 of Hinton's kd_loss: divide it back out.
     start, end = (w / config.fitnet.temperature**2 for w in config.fitnet.kd_weight)
+    stage2 = [ce] + ([('kd', start, end)] if start or end else [])
     return [_phase('stage1', config.fitnet.stage1, ('hint', 1.0, 1.0)),
-            _phase('stage2', config.fitnet.stage2, ce, ('kd', start, end))]
+            _phase('stage2', config.fitnet.stage2, *stage2)]
   if method == 'kd':
     return [_phase('train', config.kd.schedule, ce, ('kd', config.kd.weight, config.kd.weight))]
   raise ValueError(f'Unknown method {method!r}; expected teacher or one of '
@@ -509,7 +510,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                      f'{eval_source.num_classes} classes, {config.data.train_split!r} has '
                      f'{train_source.num_classes}.')
   num_classes = train_source.num_classes
-  teacher = Student(build_model(config.teacher, num_classes, config.dtype))
+  teacher = Student(build_model(config.teacher, config.teacher.num_classes or num_classes,
+                                config.dtype))
   students = {m: build_student(m, config, num_classes, teacher) for m in methods}
   ctx = Context(config, workdir, train_source, eval_source, data.get_preprocess(config.data),
                 optimizer(config))
@@ -523,11 +525,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     if config.teacher.checkpoint:
       teacher_variables = load_variables(config.teacher.checkpoint, teacher,
                                          config.data.image_size)
-      metrics, _, _ = evaluate(teacher, jax_utils.replicate(teacher_variables), eval_source,
-                               ctx.preprocess, config.eval_batch_size)
-      rows.append({'method': 'teacher', 'model': config.teacher.model,
-                   'nets': [metrics['accuracy']], 'avg': metrics['accuracy'],
-                   'ensemble': None, 'iterations': 0, 'wall_s': 0.0})
+      if not config.teacher.num_classes:  # A teacher of other classes has no accuracy here.
+        metrics, _, _ = evaluate(teacher, jax_utils.replicate(teacher_variables), eval_source,
+                                 ctx.preprocess, config.eval_batch_size)
+        rows.append({'method': 'teacher', 'model': config.teacher.model,
+                     'nets': [metrics['accuracy']], 'avg': metrics['accuracy'],
+                     'ensemble': None, 'iterations': 0, 'wall_s': 0.0})
     else:
       results = [run_net(ctx, 'teacher', k, config.teacher.model, teacher, None, None)
                  for k in range(config.teacher.num_nets)]

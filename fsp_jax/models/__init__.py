@@ -3,7 +3,10 @@
 from fsp_jax.models.resnet import BasicBlock, ResNet
 
 _CIFAR_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
-_IMAGENET_STAGES = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
+# resnet20_imagenet is the paper's transfer student: ResNet-34 with residual blocks removed
+# (3, 4, 6, 3) -> (2, 2, 3, 2), so that its stage widths, and FSP shapes, match the teacher's.
+_IMAGENET_STAGES = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3),
+                    'resnet20_imagenet': (2, 2, 3, 2)}
 NAMES = tuple(f'resnet{d}' for d in _CIFAR_DEPTHS) + tuple(_IMAGENET_STAGES)
 
 
@@ -12,7 +15,8 @@ def get(name: str, num_classes: int, width: int = 1, **kwargs) -> ResNet:
 
   Args:
     name: 'resnet8' ... 'resnet110' (any depth 6n+2) are the CIFAR ResNets: three stages
-      of n blocks with 16/32/64 channels; 'resnet18' and 'resnet34' the ImageNet ResNets.
+      of n blocks with 16/32/64 channels; 'resnet18', 'resnet34' and 'resnet20_imagenet' (blocks 2, 2, 3, 2)
+      the ImageNet ResNets.
     num_classes: outputs of the classifier.
     width: channel multiplier (the paper's CIFAR-100 networks use 4).
     **kwargs: further `ResNet` attributes (axis_name, dtype).

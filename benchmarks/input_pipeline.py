@@ -1,0 +1,75 @@
+r"""Input-pipeline throughput next to the train step's consumption rate.
+
+Reads CIFAR-10 from the ImageFolder copy (JPEG decode + pad/crop/flip + normalise, the
+paper's recipe) at batch 128, and times the pmapped ResNet-26 steps that consume it:
+plain training (stage 2) and FSP stage 1 (teacher + student forward). Prints images/s of
+each and the ratio input / step, which must stay well above 1 for the input never to starve
+the step.
+
+  python benchmarks/input_pipeline.py --data=../shared/data/cifar10
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from fsp_jax import config as config_lib
+from fsp_jax import data, models, train
+
+
+def input_rate(source, batch_size: int, batches: int) -> float:
+  """Images/s of data.train_batches (with the prefetch thread), after one warm-up batch."""
+  preprocess = data.Preprocess(32, 'cifar')
+  iterator = data.prefetch(data.train_batches(source, preprocess, batch_size, seed=0))
+  next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return batches * batch_size / (time.perf_counter() - start)
+
+
+def step_rate(terms: tuple[str, ...], batch_size: int, steps: int) -> float:
+  """Images/s of the ResNet-26 train step with these loss terms, after compilation."""
+  tx = train.optimizer(config_lib.default())
+  student = train.Student(models.get('resnet26', 10, axis_name='batch'))
+  teacher = student if 'fsp' in terms else None
+  state = train.create_train_state(student, jax.random.key(0), 32, tx)
+  devices = jax.local_device_count()
+  replicate = lambda tree: jax.tree_util.tree_map(lambda x: np.stack([x] * devices), tree)
+  teacher_variables = replicate({'params': state.params, 'batch_stats': state.batch_stats})
+  state = replicate(jax.device_get(state))
+  batch = data.shard({'image': np.random.rand(batch_size, 32, 32, 3).astype(np.float32),
+                      'label': np.zeros(batch_size, np.int32)}, devices)
+  step = train.make_train_step(student, teacher, train.Terms(terms), tx)
+  weights = {t: np.float32(1.0) for t in terms}
+  state, metrics = step(state, batch, teacher_variables, np.float32(1e-3), weights)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch, teacher_variables, np.float32(1e-3), weights)
+  jax.block_until_ready(metrics)
+  return steps * batch_size / (time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data', default='../shared/data/cifar10')
+  parser.add_argument('--batch_size', type=int, default=128)
+  parser.add_argument('--batches', type=int, default=50)
+  parser.add_argument('--steps', type=int, default=5)
+  args = parser.parse_args()
+  source = data.folder_source(args.data, 'train')
+  pipeline = input_rate(source, args.batch_size, args.batches)
+  print(f'machine: {jax.devices()[0].device_kind} x {jax.local_device_count()}, '
+        f'batch {args.batch_size}')
+  print(f'input pipeline (CIFAR-10 JPEG folder): {pipeline:8.0f} images/s')
+  for name, terms in (('stage-2 step (cross-entropy)', ('ce',)),
+                      ('stage-1 step (teacher + FSP)', ('fsp',))):
+    rate = step_rate(terms, args.batch_size, args.steps)
+    print(f'{name:35s} {rate:8.0f} images/s   input / step = {pipeline / rate:.1f}x')
+
+
+if __name__ == '__main__':
+  main()

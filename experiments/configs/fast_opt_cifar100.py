@@ -1,0 +1,26 @@
+r"""Table 2, fast optimisation on CIFAR-100: ResNet-32 with 4x channels, no augmentation.
+
+Teacher 64k iterations; students of 21k (Teacher*, FitNet*, FSP*); FSP stage 1 runs
+lr 1e-3 / 1e-4 / 1e-5 until 16k / 24k / 32k.
+
+  python experiments/main.py --config=experiments/configs/fast_opt_cifar100.py \
+      --workdir=runs/fast_opt_cifar100
+"""
+
+from fsp_jax import config as config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.default()
+  config.methods = 'scratch,fitnet,fsp'
+  config.data.name = 'cifar100'
+  config.data.augment = 'none'
+  config.teacher.model = config.student.model = 'resnet32'
+  config.teacher.width = config.student.width = 4
+  config.fsp.stage1 = config_lib.schedule((1e-3, 1e-4, 1e-5), (16_000, 24_000, 32_000))
+  if arg == 'cpu':
+    config.teacher.width = config.student.width = 1
+    config_lib.scale_steps(config, 0.01)
+  elif arg == 'tiny':
+    config_lib.tiny(config)
+  return config

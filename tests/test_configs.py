@@ -1,0 +1,66 @@
+"""Every experiment config loads and validates; its tiny variant runs end to end via main.py."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fsp_jax import config as config_lib
+from fsp_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'experiments', 'configs', '*.py')))
+NAMES = [os.path.basename(path)[:-3] for path in CONFIGS]
+
+
+def _load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(
+      ROOT, 'experiments', 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert f'experiments/configs/{name}.py' in module.__doc__, 'the docstring gives the command'
+  return module.get_config(arg)
+
+
+def test_all_experiments_present():
+  assert set(NAMES) >= {'fast_opt_cifar10', 'fast_opt_cifar100', 'minimize_cifar10',
+                        'minimize_cifar100', 'transfer_cub', 'quickstart'}
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('arg', [None, 'cpu', 'tiny'])
+def test_config_validates_and_pairs(name, arg, monkeypatch):
+  monkeypatch.chdir(ROOT)  # cpu variants name ../shared/data relative to the checkout.
+  config = _load(name, arg)
+  if config.data.root and not os.path.isdir(config.data.root):
+    pytest.skip(f'{config.data.root} is absent here')
+  config_lib.validate(config)
+  num_classes = {'cifar100': 100, 'caltech_birds2011': 200}.get(config.data.name, 10)
+  teacher = train.Student(train.build_model(config.teacher,
+                                            config.teacher.num_classes or num_classes,
+                                            config.dtype))
+  for method in config_lib.method_list(config):
+    train.build_student(method, config, num_classes, teacher)  # Raises if it cannot pair.
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_tiny_variant_runs_through_main(name, tmp_path):
+  workdir = tmp_path / 'run'
+  command = [sys.executable, os.path.join(ROOT, 'experiments', 'main.py'),
+             f'--config={os.path.join(ROOT, "experiments", "configs", name)}.py:tiny',
+             f'--workdir={workdir}', '--config.num_nets=1']
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
+                           check=False)
+  assert process.returncode == 0, process.stderr[-3000:]
+  with open(workdir / 'results.json') as f:
+    rows = json.load(f)
+  methods = config_lib.method_list(_load(name, 'tiny'))
+  assert [row['method'] for row in rows] == ['teacher'] + methods
+  for row in rows:
+    assert len(row['nets']) == 1 and 0.0 <= row['avg'] <= 1.0
+  assert '| fsp |' in process.stdout and (workdir / 'results.md').exists()
