@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tensorboardX
 
 from fsp_jax import adapters, data, fsp, losses, models, report
 from fsp_jax import config as config_lib
@@ -299,8 +300,7 @@ class Writer:
   def __init__(self, logdir: str):
     self.writer = None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.writer = SummaryWriter(logdir)
+      self.writer = tensorboardX.SummaryWriter(logdir)
 
   def scalars(self, step: int, values: dict[str, float]):
     if self.writer:
