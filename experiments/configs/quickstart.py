@@ -1,7 +1,9 @@
-r"""Quickstart: FSP on the real handwritten digits that ship with scikit-learn (no download).
+r"""Quickstart: fast optimisation (the paper's Table 1) on the real handwritten digits that ship
+with scikit-learn: no download, about 3 minutes on 2 CPU cores.
 
-A ResNet-20 teacher, then ResNet-8 students trained alone (scratch) and with FSP (stage 1 on
-the teacher's FSP matrices, stage 2 on the labels), in a few minutes on 2 CPU cores:
+A ResNet-20 teacher (800 iterations), then three ResNet-8 students per row with the same short
+task schedule (40 iterations): trained alone (scratch), and after a stage 1 that learns the
+teacher's FSP matrices (fsp). The table shows each net, their average and their ensemble.
 
   python experiments/main.py --config=experiments/configs/quickstart.py --workdir=/tmp/quickstart
 """
@@ -12,7 +14,7 @@ from fsp_jax import config as config_lib
 def get_config(arg=None):
   config = config_lib.default()
   config.methods = 'scratch,fsp'
-  config.num_nets = 2
+  config.num_nets = 3
   config.batch_size = 64
   config.eval_batch_size = 120
   config.log_every = 100
@@ -25,9 +27,9 @@ def get_config(arg=None):
   config.teacher.num_nets = 1
   config.teacher.schedule = config_lib.schedule((0.1, 0.01), (600, 800))
   config.student.model = 'resnet8'
-  config.scratch = config_lib.schedule((0.1, 0.01), (150, 200))
+  config.scratch = config_lib.schedule((0.1, 0.01), (30, 40))
   config.fsp.stage1 = config_lib.schedule((1e-3, 1e-4), (150, 200))
-  config.fsp.stage2 = config_lib.schedule((0.1, 0.01), (150, 200))
+  config.fsp.stage2 = config_lib.schedule((0.1, 0.01), (30, 40))
   if arg == 'tiny':
-    config_lib.scale_steps(config, 0.01)
+    config_lib.tiny(config)
   return config
