@@ -123,6 +123,10 @@ def tiny(config: ml_collections.ConfigDict, image_size: int = 16) -> ml_collecti
   config.checkpoint_every = 2
   for sched in schedules(config).values():
     sched.until = tuple(range(1, len(sched.lrs) + 1))
+  # Enough teacher steps for its BatchNorm statistics to settle: an unsettled teacher's
+  # features, and FSP matrices, are orders of magnitude too large.
+  config.teacher.schedule.until = tuple(20 * (k + 1) // len(config.teacher.schedule.lrs)
+                                        for k in range(len(config.teacher.schedule.lrs)))
   return config
 
 

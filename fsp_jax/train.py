@@ -16,6 +16,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Iterator
 
@@ -207,6 +209,7 @@ def make_train_step(student: Student, teacher: Student | None, terms: Terms,
     params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return new_state, lax.pmean(metrics, 'batch')
 
   return jax.pmap(step, axis_name='batch', in_axes=(0, 0, 0, None, None), donate_argnums=(0,))
@@ -265,10 +268,10 @@ def _gather_in_order(chunks: list[np.ndarray]) -> np.ndarray:
 
 
 class Progress:
-  """Prints one line every `every` steps: phase, step, loss terms, images/s and ETA."""
+  """Prints a line per update: phase, step, loss terms, images/s and ETA."""
 
-  def __init__(self, label: str, start: int, total: int, batch_size: int, every: int):
-    self.label, self.total, self.batch_size, self.every = label, total, batch_size, every
+  def __init__(self, label: str, start: int, total: int, batch_size: int):
+    self.label, self.total, self.batch_size = label, total, batch_size
     self.last_step, self.last_time = start, time.time()
 
   def update(self, step: int, metrics: dict[str, float]) -> float:
@@ -314,9 +317,11 @@ class Writer:
 
 
 def _manager(directory: str, config) -> ocp.CheckpointManager:
+  # Synchronous saves: a run killed at any moment loses at most checkpoint_every steps.
   return ocp.CheckpointManager(
       os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=False))
 
 
 @dataclasses.dataclass
@@ -330,18 +335,67 @@ class Context:
   tx: optax.GradientTransformation
 
 
+class Preempted(Exception):
+  """Raised after a SIGTERM (a TPU VM's preemption notice) once a checkpoint is saved."""
+
+
+_PREEMPTION = threading.Event()
+
+
+def install_preemption_handler() -> None:
+  """Makes SIGTERM stop training at the next step, after a checkpoint (main thread only)."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda signum, frame: _PREEMPTION.set())
+
+
+def _preempted() -> bool:
+  """Whether any host received SIGTERM (all hosts agree, so all stop at the same step)."""
+  flag = np.asarray(_PREEMPTION.is_set())
+  if jax.process_count() > 1:
+    return bool(np.any(multihost_utils.process_allgather(flag)))
+  return bool(flag)
+
+
+def _check_finite(metrics: dict[str, float], where: str, step: int, directory: str,
+                  last_saved: int | None):
+  """Stops the run, naming the stage, step and terms, when a loss or gradient is NaN/Inf."""
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    kept = (f'the last good checkpoint is step {last_saved} in {directory}'
+            if last_saved is not None else 'no checkpoint of this phase was saved yet')
+    raise FloatingPointError(
+        f'[{where}] step {step}: non-finite ' + ', '.join(f'{k} = {v}' for k, v in bad.items())
+        + f'; {kept}. Lower this phase\'s learning rates or check the teacher.')
+
+
+def _restore(manager: ocp.CheckpointManager, state: TrainState, where: str) -> TrainState:
+  """The newest checkpoint that restores; a corrupt one is reported and skipped."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(state))
+    except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore, OS errors)
+      _print(f'[{where}] checkpoint {step} is unreadable ({type(e).__name__}: '
+             f'{str(e)[:200]}); falling back to the previous one.')
+      continue
+    _print(f'[{where}] resumed from step {step}')
+    return restored
+  return state
+
+
 def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: Student,
                 teacher: Student | None, teacher_variables, terms: Terms, state: TrainState,
                 seed: int, offset: int, writer: Writer, history: dict) -> TrainState:
   """Trains one phase from its latest checkpoint (or from `state`) to its end.
 
   offset is the number of steps of earlier phases, for global step numbers in the logs.
+  Raises Preempted after SIGTERM (once a checkpoint is saved) and FloatingPointError on a
+  non-finite loss or gradient (keeping the last good checkpoint).
   """
   config = ctx.config
-  manager = _manager(os.path.join(run_dir, phase.name), config)
-  if manager.latest_step() is not None:
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-    _print(f'[{label} {phase.name}] resumed from step {int(state.step)}')
+  where = f'{label} {phase.name}'
+  directory = os.path.join(run_dir, phase.name)
+  manager = _manager(directory, config)
+  state = _restore(manager, state, where)
   start = int(state.step)
   if start >= phase.steps:
     manager.close()
@@ -353,15 +407,16 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
       (data.shard(b, local) for b in data.prefetch(batches)), 2)
   train_step = make_train_step(student, teacher, terms, ctx.tx)
   replicated = jax_utils.replicate(state)
-  progress = Progress(f'{label} {phase.name}', start, phase.steps, config.batch_size,
-                      config.log_every)
+  progress = Progress(where, start, phase.steps, config.batch_size)
+  last_saved = start if start else None
   for step in range(start, phase.steps):
     weights = {k: np.float32(v) for k, v in phase.weights(step).items()}
     replicated, metrics = train_step(replicated, next(batches), teacher_variables,
                                      np.float32(phase.learning_rate(step)), weights)
     done = step + 1
+    metrics = {k: float(v) for k, v in jax.device_get(jax_utils.unreplicate(metrics)).items()}
+    _check_finite(metrics, where, done, directory, last_saved)
     if done % config.log_every == 0 or done == phase.steps:
-      metrics = {k: float(v) for k, v in jax.device_get(jax_utils.unreplicate(metrics)).items()}
       rate = progress.update(done, metrics)
       writer.scalars(offset + done, {**{f'{phase.name}/{k}': v for k, v in metrics.items()},
                                      f'{phase.name}/lr': phase.learning_rate(step),
@@ -370,12 +425,19 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
     if 'ce' in terms.names and config.eval_every and done % config.eval_every == 0:
       variables = {'params': replicated.params, 'batch_stats': replicated.batch_stats}
       result, _, _ = evaluate(student, variables, ctx.eval_source, ctx.preprocess,
-                           config.eval_batch_size)
+                              config.eval_batch_size)
       writer.scalars(offset + done, {f'eval/{k}': v for k, v in result.items()})
       history['eval'].append([offset + done, result['accuracy']])
-    if done % config.checkpoint_every == 0 or done == phase.steps:
+    preempted = _preempted()
+    if preempted or done % config.checkpoint_every == 0 or done == phase.steps:
       manager.save(done, args=ocp.args.StandardSave(jax.device_get(
           jax_utils.unreplicate(replicated))))
+      last_saved = done
+    if preempted:
+      manager.wait_until_finished()
+      manager.close()
+      raise Preempted(f'[{where}] SIGTERM: saved a checkpoint at step {done} in {directory}; '
+                      'run the same command again to resume.')
   manager.wait_until_finished()
   manager.close()
   return jax.device_get(jax_utils.unreplicate(replicated))
@@ -488,6 +550,7 @@ def load_variables(path: str, model: Student, image_size: int):
 
 
 def _row(ctx: Context, method: str, results: list[dict]) -> dict:
+  """The table row of a method, from the files that process 0 wrote."""
   run_dirs = [os.path.join(ctx.workdir, method, f'net{r["net"]}') for r in results]
   probs = [np.load(os.path.join(d, 'test_probs.npy')) for d in run_dirs]
   labels = np.load(os.path.join(ctx.workdir, 'test_labels.npy'))
@@ -499,9 +562,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
   Everything is checked (config, data, model pairing) before anything is compiled. Finished
   runs and phases in workdir are reused, so an interrupted experiment resumes where it
-  stopped. Writes results.md and results.json into workdir; returns the table's rows.
+  stopped. Process 0 writes results.md and results.json into workdir and returns the table's
+  rows; other processes return []. Several hosts must share the workdir's file system.
   """
   config_lib.validate(config)
+  install_preemption_handler()
   methods = config_lib.method_list(config)
   train_source = data.get_source(config.data, config.data.train_split)
   eval_source = data.get_source(config.data, config.data.eval_split)
@@ -534,7 +599,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     else:
       results = [run_net(ctx, 'teacher', k, config.teacher.model, teacher, None, None)
                  for k in range(config.teacher.num_nets)]
-      rows.append(_row(ctx, 'teacher', results))
+      if jax.process_index() == 0:
+        rows.append(_row(ctx, 'teacher', results))
       teacher_variables = load_variables(os.path.join(workdir, 'teacher', 'net1', 'model'),
                                          teacher, config.data.image_size)
     teacher_variables = jax_utils.replicate(teacher_variables)
@@ -545,7 +611,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                        teacher if uses_teacher else None,
                        teacher_variables if uses_teacher else None)
                for k in range(config.num_nets)]
-    rows.append(_row(ctx, method, results))
+    if jax.process_index() == 0:
+      rows.append(_row(ctx, method, results))
   if jax.process_index() == 0:
     table = report.write_results(workdir, rows)
     _print(f'\nResults ({workdir}/results.md):\n\n{table}\n')

@@ -114,7 +114,7 @@ def _final_params(workdir, method):
       os.path.abspath(os.path.join(workdir, method, 'net1', 'model')))
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path):
+def test_resumed_run_equals_uninterrupted(tmp_path, capsys):
   config = _tiny_config('fsp')
   uninterrupted = str(tmp_path / 'a')
   rows = train.train_and_evaluate(config, uninterrupted)
@@ -122,18 +122,27 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
   assert os.path.exists(os.path.join(uninterrupted, 'results.md'))
   interrupted = str(tmp_path / 'b')
   shutil.copytree(uninterrupted, interrupted)
-  # A copy stopped after the stage-2 checkpoint at step 2: its later state is lost.
+  # A copy stopped after the stage-2 checkpoint at step 4, whose files then got corrupted: the
+  # run must fall back to step 2 and still end exactly as the uninterrupted one.
   run_dir = os.path.join(interrupted, 'fsp', 'net1')
-  for path in ('result.json', 'model', os.path.join('stage2', '4'), os.path.join('stage2', '5')):
-    shutil.rmtree(os.path.join(run_dir, path), ignore_errors=True)
-    if os.path.isfile(os.path.join(run_dir, path)):
-      os.remove(os.path.join(run_dir, path))
-  assert sorted(os.listdir(os.path.join(run_dir, 'stage2'))) == ['2']
+  os.remove(os.path.join(run_dir, 'result.json'))
+  for path in ('model', os.path.join('stage2', '5')):
+    shutil.rmtree(os.path.join(run_dir, path))
+  corrupted = 0
+  for folder, _, files in os.walk(os.path.join(run_dir, 'stage2', '4')):
+    for name in files:
+      if os.sep + 'd' in folder:  # The array data files.
+        with open(os.path.join(folder, name), 'wb') as f:
+          f.write(b'garbage')
+        corrupted += 1
+  assert corrupted and sorted(os.listdir(os.path.join(run_dir, 'stage2'))) == ['2', '4']
   rows = train.train_and_evaluate(config, interrupted)
   expected, resumed = _final_params(uninterrupted, 'fsp'), _final_params(interrupted, 'fsp')
   for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   assert rows[-1]['iterations'] == 3 + 5
+  output = capsys.readouterr().out
+  assert 'checkpoint 4 is unreadable' in output and 'resumed from step 2' in output
 
 
 def _error(config, tmp_path):

@@ -1,0 +1,167 @@
+"""Multi-host runs, preemption, SIGKILL resume, corrupt checkpoints and NaN stops."""
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fsp_jax import config as config_lib
+from fsp_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.py') + ':tiny'
+
+
+def _env(devices):
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def _main(workdir, *overrides, extra=()):
+  return [sys.executable, os.path.join(ROOT, 'experiments', 'main.py'), f'--config={TINY}',
+          f'--workdir={workdir}', '--config.num_nets=1', *overrides, *extra]
+
+
+def _params(path):
+  return jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(os.path.abspath(path)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _run_all(processes, timeout):
+  """Waits for every process; kills them all if any fails or time runs out."""
+  deadline = time.time() + timeout
+  try:
+    for p in processes:
+      p.wait(timeout=max(1, deadline - time.time()))
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [p.returncode for p in processes]
+
+
+def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
+  # A few steps of every kind: a teacher, FSP stage 1 and the task stage. A gentle teacher
+  # rate keeps float32 summation-order differences from growing chaotically.
+  overrides = ['--config.methods=fsp', '--config.teacher.model=resnet8',
+               '--config.teacher.schedule.lrs=(0.01,0.001)']
+  port = _free_port()
+  logs = [open(tmp_path / f'host{i}.log', 'w') for i in range(2)]
+  hosts = [subprocess.Popen(
+      _main(tmp_path / 'two', *overrides, extra=[
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']),
+      env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+  one = subprocess.Popen(_main(tmp_path / 'one', *overrides), env=_env(4),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  codes = _run_all(hosts + [one], timeout=400)
+  assert codes == [0, 0, 0], (tmp_path / 'host0.log').read_text()[-3000:]
+  for run in ('teacher', 'fsp'):
+    path = os.path.join('{}', run, 'net1', 'model')
+    for a, b in zip(_params(path.format(tmp_path / 'one')), _params(path.format(tmp_path / 'two'))):
+      assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max()), run  # float32 sum orders
+  assert (tmp_path / 'two' / 'results.md').exists()
+
+
+def _scratch_run(workdir, steps=24, checkpoint_every=4):
+  return _main(workdir, '--config.methods=scratch', f'--config.scratch.until=({steps - 4},{steps})',
+               f'--config.checkpoint_every={checkpoint_every}', '--config.keep_checkpoints=2')
+
+
+def _steps_printed(text):
+  return [int(m) for m in re.findall(r'\[scratch net1 train\] (\d+)/', text)]
+
+
+def _read_steps(process, count, limit_s=120):
+  """Reads the process's progress lines until `count` steps were printed; returns them."""
+  watchdog = threading.Timer(limit_s, process.kill)
+  watchdog.start()
+  seen = []
+  try:
+    for line in process.stdout:
+      seen += _steps_printed(line)
+      if len(seen) >= count:
+        break
+  finally:
+    watchdog.cancel()
+  return seen
+
+
+def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
+  subprocess.run(_scratch_run(tmp_path / 'whole'), env=_env(1), check=True, timeout=300,
+                 capture_output=True)
+  workdir, rng, kills = tmp_path / 'killed', random.Random(0), 0
+  for _ in range(6):  # Bounded: at most 6 attempts.
+    process = subprocess.Popen(_scratch_run(workdir), env=_env(1), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    seen = _read_steps(process, rng.randint(1, 6))
+    process.kill()
+    process.communicate()
+    if process.returncode == 0:  # It finished before the kill.
+      break
+    kills += 1
+    saved = [int(s) for s in os.listdir(workdir / 'scratch' / 'net1' / 'train') if s.isdigit()]
+    if seen:  # At most checkpoint_every (4) steps are lost.
+      assert max(seen) - max(saved, default=0) <= 4, (seen, saved)
+  assert kills >= 2
+  final = subprocess.run(_scratch_run(workdir), env=_env(1), timeout=300, capture_output=True,
+                         text=True)
+  assert final.returncode == 0, final.stderr[-2000:]
+  for a, b in zip(_params(tmp_path / 'whole' / 'scratch' / 'net1' / 'model'),
+                  _params(workdir / 'scratch' / 'net1' / 'model')):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_a_fresh_checkpoint(tmp_path):
+  process = subprocess.Popen(_scratch_run(tmp_path, steps=200, checkpoint_every=1000),
+                             env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+  seen = _read_steps(process, 3)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+  match = re.search(r'SIGTERM: saved a checkpoint at step (\d+)', output)
+  assert match, output[-2000:]
+  saved = [int(s) for s in os.listdir(tmp_path / 'scratch' / 'net1' / 'train') if s.isdigit()]
+  assert saved == [int(match.group(1))] and saved[0] >= max(seen)
+
+
+def test_nan_stops_naming_stage_step_and_term(tmp_path):
+  config = config_lib.tiny(config_lib.default())
+  config.methods, config.num_nets = 'fsp', 1
+  config.teacher.model, config.student.model = 'resnet8', 'resnet8'
+  config.fsp.stage1 = config_lib.schedule((1e6,), (6,))
+  config.checkpoint_every = 1
+  with pytest.raises(FloatingPointError) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  # The FSP loss or its gradient (grad_norm) overflows first.
+  assert re.search(r'\[fsp net1 stage1\] step (\d+): non-finite .*(fsp|grad_norm) = (nan|inf)',
+                   message), message
+  step = int(re.search(r'step (\d+):', message).group(1))
+  directory = tmp_path / 'fsp' / 'net1' / 'stage1'
+  saved = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+  assert saved and max(saved) == step - 1
+  assert f'last good checkpoint is step {step - 1}' in message
+  for leaf in _params_of_checkpoint(directory / str(step - 1)):
+    assert np.all(np.isfinite(leaf))
+
+
+def _params_of_checkpoint(path):
+  restored = ocp.CheckpointManager(os.path.dirname(path)).restore(int(os.path.basename(path)))
+  return jax.tree_util.tree_leaves(restored)
