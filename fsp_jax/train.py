@@ -574,6 +574,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     raise ValueError(f'config.data: the {config.data.eval_split!r} split has '
                      f'{eval_source.num_classes} classes, {config.data.train_split!r} has '
                      f'{train_source.num_classes}.')
+  if config.batch_size > len(train_source):
+    raise ValueError(f'config.batch_size: {config.batch_size} exceeds the {len(train_source)} '
+                     f'examples of the {config.data.train_split!r} split.')
   num_classes = train_source.num_classes
   teacher = Student(build_model(config.teacher, config.teacher.num_classes or num_classes,
                                 config.dtype))
