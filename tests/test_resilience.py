@@ -106,7 +106,7 @@ def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
   subprocess.run(_scratch_run(tmp_path / 'whole'), env=_env(1), check=True, timeout=300,
                  capture_output=True)
   workdir, rng, kills = tmp_path / 'killed', random.Random(0), 0
-  for _ in range(6):  # Bounded: at most 6 attempts.
+  for _ in range(3):  # Bounded: at most 3 attempts.
     process = subprocess.Popen(_scratch_run(workdir), env=_env(1), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     seen = _read_steps(process, rng.randint(1, 6))
@@ -145,6 +145,7 @@ def test_nan_stops_naming_stage_step_and_term(tmp_path):
   config = config_lib.tiny(config_lib.default())
   config.methods, config.num_nets = 'fsp', 1
   config.teacher.model, config.student.model = 'resnet8', 'resnet8'
+  config.teacher.schedule = config_lib.schedule((0.1,), (2,))
   config.fsp.stage1 = config_lib.schedule((1e6,), (6,))
   config.checkpoint_every = 1
   with pytest.raises(FloatingPointError) as error:
