@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax
 from flax import jax_utils

@@ -1,10 +1,15 @@
-"""Test setup: 8 fake CPU devices (set before JAX starts) and quick hypothesis settings."""
+"""Test setup: 8 fake CPU devices (set before JAX starts), a compilation cache shared by the
+workers and the main.py subprocesses, and quick hypothesis settings."""
 
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'fsp_jax_tests_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import hypothesis  # pylint: disable=g-import-not-at-top
 
