@@ -397,6 +397,9 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
   manager = _manager(directory, config)
   state = _restore(manager, state, where)
   start = int(state.step)
+  for key in history:  # This phase's entries after the restored step are redone below.
+    history[key] = [entry for entry in history[key]
+                    if not offset + start < entry[0] <= offset + phase.steps]
   if start >= phase.steps:
     manager.close()
     return state
@@ -432,6 +435,7 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
     if preempted or done % config.checkpoint_every == 0 or done == phase.steps:
       manager.save(done, args=ocp.args.StandardSave(jax.device_get(
           jax_utils.unreplicate(replicated))))
+      _save_json(os.path.join(run_dir, 'history.json'), history)
       last_saved = done
     if preempted:
       manager.wait_until_finished()
@@ -456,7 +460,11 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
   seed = config.seed + net
   state = create_train_state(student, jax.random.key(seed), config.data.image_size, ctx.tx)
   writer = Writer(os.path.join(ctx.workdir, 'tensorboard', f'{method}_net{net + 1}'))
+  history_path = os.path.join(run_dir, 'history.json')
   history = {'train': [], 'eval': []}
+  if os.path.exists(history_path):  # Curves of a run that is resuming.
+    with open(history_path) as f:
+      history = json.load(f)
   offset = 0
   for phase in method_phases(method, config):
     if offset:  # A new phase keeps the weights and starts a fresh optimizer.
@@ -482,9 +490,16 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
   if jax.process_index() == 0:
     np.save(os.path.join(run_dir, 'test_probs.npy'), probs.astype(np.float32))
     np.save(os.path.join(ctx.workdir, 'test_labels.npy'), labels)
-    with open(result_path, 'w') as f:
-      json.dump(result, f)
+  _save_json(result_path, result)
   return result
+
+
+def _save_json(path: str, value) -> None:
+  """Process 0 writes value to path atomically (a kill never leaves half a file)."""
+  if jax.process_index() == 0:
+    with open(path + '.tmp', 'w') as f:
+      json.dump(value, f)
+    os.replace(path + '.tmp', path)
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,

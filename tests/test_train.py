@@ -1,5 +1,6 @@
 """Training steps, multi-device equivalence, resume and config validation."""
 
+import json
 import os
 import shutil
 
@@ -143,6 +144,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, capsys):
   assert rows[-1]['iterations'] == 3 + 5
   output = capsys.readouterr().out
   assert 'checkpoint 4 is unreadable' in output and 'resumed from step 2' in output
+  histories = [json.load(open(os.path.join(d, 'fsp', 'net1', 'result.json')))['history']
+               for d in (uninterrupted, interrupted)]
+  assert histories[0] == histories[1] and len(histories[0]['train']) == 3 + 5
 
 
 def _error(config, tmp_path):
