@@ -171,9 +171,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.name not in data.SOURCES:
     _fail('data.name', f'unknown data set {config.data.name!r}; expected one of '
           f'{", ".join(data.SOURCES)}.')
-  if config.data.augment not in data.AUGMENTATIONS:
-    _fail('data.augment', f'unknown {config.data.augment!r}; expected one of '
-          f'{", ".join(data.AUGMENTATIONS)}.')
+  data.get_preprocess(config.data)  # Raises for an unknown config.data.augment.
   if config.data.name in ('folder', 'cub') and not os.path.isdir(config.data.root):
     _fail('data.root', f'folder {config.data.root!r} does not exist (needed by data.name='
           f'{config.data.name!r}).')

@@ -232,12 +232,17 @@ def make_eval_step(model: Student):
   return jax.pmap(step, axis_name='batch')
 
 
-def create_train_state(model: Student, rng: jax.Array, image_size: int,
-                       tx: optax.GradientTransformation) -> TrainState:
-  """Initialises the model on a [1, S, S, 3] input (outside pmap, so BN needs no axis)."""
+def _init_variables(model: Student, rng: jax.Array, image_size: int):
+  """{'params', 'batch_stats'} of model on a [1, S, S, 3] input, outside pmap (no BN axis)."""
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   init_model = model.clone(backbone=model.backbone.clone(axis_name=None))
-  variables = jax.jit(functools.partial(init_model.init, train=False))(rng, x)
+  return init_model.init(rng, x, train=False)
+
+
+def create_train_state(model: Student, rng: jax.Array, image_size: int,
+                       tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state: the model's initial variables, step 0 and the optimizer's state."""
+  variables = jax.jit(_init_variables, static_argnums=(0, 2))(model, rng, image_size)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                     batch_stats=variables['batch_stats'],
                     opt_state=tx.init(variables['params']))
@@ -540,9 +545,9 @@ def build_student(method: str, config: ml_collections.ConfigDict, num_classes: i
     adapter = tuple(sorted(adapters.mismatched_widths(mine, theirs).items()))
   student = Student(backbone, adapter=adapter)
   try:
-    matrices = [jax.eval_shape(fsp.fsp_matrices, _features(model, size))
-                for model in (student, teacher)]
-    jax.eval_shape(losses.fsp_l2, *matrices)
+    adapted = _features(student, size) if adapter else mine
+    jax.eval_shape(losses.fsp_l2, *(jax.eval_shape(fsp.fsp_matrices, features)
+                                    for features in (adapted, theirs)))
   except ValueError as e:
     raise ValueError(f'config.student.model={config.student.model!r} (width '
                      f'{config.student.width}) cannot be paired with config.teacher.model='
@@ -552,9 +557,7 @@ def build_student(method: str, config: ml_collections.ConfigDict, num_classes: i
 
 def load_variables(path: str, model: Student, image_size: int):
   """A model's {'params', 'batch_stats'} from an Orbax checkpoint of its backbone."""
-  x = jnp.zeros((1, image_size, image_size, 3))
-  init = model.clone(backbone=model.backbone.clone(axis_name=None))
-  target = jax.eval_shape(functools.partial(init.init, train=False), jax.random.key(0), x)
+  target = jax.eval_shape(lambda rng: _init_variables(model, rng, image_size), jax.random.key(0))
   target = {kind: target[kind]['backbone'] for kind in ('params', 'batch_stats')}
   try:
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
