@@ -38,7 +38,7 @@ def step_rate(terms: tuple[str, ...], batch_size: int, steps: int) -> float:
   state = train.create_train_state(student, jax.random.key(0), 32, tx)
   devices = jax.local_device_count()
   replicate = lambda tree: jax.tree_util.tree_map(lambda x: np.stack([x] * devices), tree)
-  teacher_variables = replicate({'params': state.params, 'batch_stats': state.batch_stats})
+  teacher_variables = replicate(state.variables())
   state = replicate(jax.device_get(state))
   batch = data.shard({'image': np.random.rand(batch_size, 32, 32, 3).astype(np.float32),
                       'label': np.zeros(batch_size, np.int32)}, devices)

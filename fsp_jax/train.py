@@ -45,6 +45,9 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
 
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
 
 class Student(nn.Module):
   """A network and what distillation adds on its side: (logits, features).
@@ -345,6 +348,7 @@ class Preempted(Exception):
 
 
 _PREEMPTION = threading.Event()
+SNAPSHOT_IMAGES = 256  # Test images whose mean FSP matrices run_net saves for the report.
 
 
 def install_preemption_handler() -> None:
@@ -431,8 +435,7 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
                                      'train/images_per_s': rate})
       history['train'].append([offset + done, phase.name, metrics['loss']])
     if 'ce' in terms.names and config.eval_every and done % config.eval_every == 0:
-      variables = {'params': replicated.params, 'batch_stats': replicated.batch_stats}
-      result, _, _ = evaluate(student, variables, ctx.eval_source, ctx.preprocess,
+      result, _, _ = evaluate(student, replicated.variables(), ctx.eval_source, ctx.preprocess,
                               config.eval_batch_size)
       writer.scalars(offset + done, {f'eval/{k}': v for k, v in result.items()})
       history['eval'].append([offset + done, result['accuracy']])
@@ -470,6 +473,12 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
   if os.path.exists(history_path):  # Curves of a run that is resuming.
     with open(history_path) as f:
       history = json.load(f)
+  snapshot = {}
+  if method in ('fsp', 'fsp_shuffled'):  # For the report's heatmaps.
+    images = next(data.eval_batches(ctx.eval_source, ctx.preprocess, SNAPSHOT_IMAGES, 0, 1))
+    snapshot['teacher'] = mean_fsp_matrices(teacher, jax_utils.unreplicate(teacher_variables),
+                                            images['image'])
+    snapshot['before'] = mean_fsp_matrices(student, state.variables(), images['image'])
   offset = 0
   for phase in method_phases(method, config):
     if offset:  # A new phase keeps the weights and starts a fresh optimizer.
@@ -479,8 +488,11 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
                         teacher_variables, method_terms(method, config, phase), state, seed,
                         offset, writer, history)
     offset += phase.steps
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  metrics, probs, labels = evaluate(student, jax_utils.replicate(variables), ctx.eval_source,
+    if snapshot and phase.name == 'stage1' and jax.process_index() == 0:
+      snapshot['after'] = mean_fsp_matrices(student, state.variables(), images['image'])
+      np.savez(os.path.join(run_dir, 'fsp_matrices.npz'),
+               **{f'{when}_{k}': g for when, gs in snapshot.items() for k, g in enumerate(gs)})
+  metrics, probs, labels = evaluate(student, jax_utils.replicate(state.variables()), ctx.eval_source,
                             ctx.preprocess, config.eval_batch_size)
   history['eval'].append([offset, metrics['accuracy']])
   writer.scalars(offset, {f'eval/{k}': v for k, v in metrics.items()})
@@ -497,6 +509,12 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
     np.save(os.path.join(ctx.workdir, 'test_labels.npy'), labels)
   _save_json(result_path, result)
   return result
+
+
+def mean_fsp_matrices(model: Student, variables, images) -> list[np.ndarray]:
+  """The FSP matrices [M, N] of each stage, averaged over images [B, S, S, 3] (eval mode)."""
+  _, features = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+  return [np.asarray(g.mean(0)) for g in fsp.fsp_matrices(features)]
 
 
 def _save_json(path: str, value) -> None:

@@ -25,8 +25,11 @@ def get_config(arg=None):
   if arg == 'cpu':
     config.data.name = 'folder'
     config.data.root = '../shared/data/cifar10'
-    config.eval_batch_size = 1024
+    config.batch_size = 64  # Halves the step time of the paper's 128 on 2 CPU cores.
+    config.eval_batch_size = 1000
+    config.teacher.num_nets = 1
     config_lib.scale_steps(config, 0.01)
+    config.eval_every = 160
   elif arg == 'tiny':
     config_lib.tiny(config)
   return config
