@@ -12,8 +12,9 @@ import ml_collections
 
 from fsp_jax import data, models
 
-METHODS = ('scratch', 'fsp', 'fsp_shuffled', 'fitnet', 'kd')
-TEACHER_METHODS = ('fsp', 'fsp_shuffled', 'fitnet', 'kd')
+METHODS = ('scratch', 'fsp', 'fsp_shuffled', 'fitnet', 'kd', 'finetune', 'teacher_scratch')
+TEACHER_METHODS = ('fsp', 'fsp_shuffled', 'fitnet', 'kd', 'finetune')  # Need its weights.
+TEACHER_MODEL_METHODS = ('finetune', 'teacher_scratch')  # Train the teacher's network.
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -48,7 +49,7 @@ def default() -> ml_collections.ConfigDict:
   c.data.augment = 'cifar'      # cifar, crop_flip or none.
   c.data.normalize = 'cifar'    # cifar or imagenet statistics.
   c.data.classes = ml_collections.FieldReference(None, field_type=tuple)  # Folder subset.
-  c.data.max_per_class = ml_collections.FieldReference(None, field_type=int)
+  c.data.max_per_class = ml_collections.FieldReference(None, field_type=int)  # Of train_split.
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = 'resnet26'
@@ -63,8 +64,12 @@ def default() -> ml_collections.ConfigDict:
   c.student.width = 1
   c.student.adapter = False     # Learned 1x1 conv + BN where stage widths differ.
 
-  # 'scratch': the student trained alone, the paper's Teacher* / Student rows.
+  # 'scratch': the student trained alone, the paper's Teacher* / Student rows; also the
+  # schedule of 'teacher_scratch', the teacher's network trained alone on this task (Table 5).
   c.scratch = schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
+  # 'finetune': the teacher's network started from its checkpoint (all but the classifier,
+  # which is new) and trained on this task: Table 5's fine-tuned teacher.
+  c.finetune = schedule((0.01, 0.001, 0.0001), (11_000, 16_000, 21_000))
 
   c.fsp = ml_collections.ConfigDict()
   c.fsp.stage1 = schedule((1e-3, 1e-4, 1e-5), (11_000, 16_000, 21_000))
@@ -93,7 +98,7 @@ def schedules(config: ml_collections.ConfigDict) -> dict[str, ml_collections.Con
   return {'teacher.schedule': config.teacher.schedule, 'scratch': config.scratch,
           'fsp.stage1': config.fsp.stage1, 'fsp.stage2': config.fsp.stage2,
           'fitnet.stage1': config.fitnet.stage1, 'fitnet.stage2': config.fitnet.stage2,
-          'kd.schedule': config.kd.schedule}
+          'kd.schedule': config.kd.schedule, 'finetune': config.finetune}
 
 
 def scale_steps(config: ml_collections.ConfigDict, factor: float) -> ml_collections.ConfigDict:

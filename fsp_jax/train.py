@@ -112,8 +112,10 @@ def method_phases(method: str, config: ml_collections.ConfigDict) -> list[Phase]
   ce = ('ce', 1.0, 1.0)
   if method == 'teacher':
     return [_phase('train', config.teacher.schedule, ce)]
-  if method == 'scratch':
+  if method in ('scratch', 'teacher_scratch'):
     return [_phase('train', config.scratch, ce)]
+  if method == 'finetune':
+    return [_phase('train', config.finetune, ce)]
   if method in ('fsp', 'fsp_shuffled'):
     stage2 = [ce] + ([('fsp', config.fsp.task_weight, config.fsp.task_weight)]
                      if config.fsp.task_weight else [])
@@ -456,8 +458,11 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
 
 
 def run_net(ctx: Context, method: str, net: int, model_name: str, student: Student,
-            teacher: Student | None, teacher_variables) -> dict:
-  """Trains net `net` of `method` through its phases (or finds it done) and evaluates it."""
+            teacher: Student | None, teacher_variables, pretrained=None) -> dict:
+  """Trains net `net` of `method` through its phases (or finds it done) and evaluates it.
+
+  pretrained: replicated variables of the same network to start from (but for the head).
+  """
   config = ctx.config
   run_dir = os.path.join(ctx.workdir, method, f'net{net + 1}')
   result_path = os.path.join(run_dir, 'result.json')
@@ -467,6 +472,8 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
   start_time = time.time()
   seed = config.seed + net
   state = create_train_state(student, jax.random.key(seed), config.data.image_size, ctx.tx)
+  if pretrained is not None:
+    state = start_from(state, jax_utils.unreplicate(pretrained))
   writer = Writer(os.path.join(ctx.workdir, 'tensorboard', f'{method}_net{net + 1}'))
   history_path = os.path.join(run_dir, 'history.json')
   history = {'train': [], 'eval': []}
@@ -511,6 +518,14 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
   return result
 
 
+def start_from(state: TrainState, pretrained) -> TrainState:
+  """state with its backbone's variables from `pretrained`, but for a new classifier head."""
+  params = dict(pretrained['params']['backbone'], head=state.params['backbone']['head'])
+  return state.replace(params={**state.params, 'backbone': params},
+                       batch_stats={**state.batch_stats,
+                                    'backbone': pretrained['batch_stats']['backbone']})
+
+
 def mean_fsp_matrices(model: Student, variables, images) -> list[np.ndarray]:
   """The FSP matrices [M, N] of each stage, averaged over images [B, S, S, 3] (eval mode)."""
   _, features = jax.jit(functools.partial(model.apply, train=False))(variables, images)
@@ -545,6 +560,8 @@ def build_student(method: str, config: ml_collections.ConfigDict, num_classes: i
   Raises ValueError, before anything is compiled, when its FSP points or hint layer cannot
   be paired with the teacher's.
   """
+  if method in config_lib.TEACHER_MODEL_METHODS:
+    return Student(build_model(config.teacher, num_classes, config.dtype))
   backbone = build_model(config.student, num_classes, config.dtype)
   if method not in config_lib.TEACHER_METHODS:
     return Student(backbone)
@@ -645,11 +662,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     teacher_variables = jax_utils.replicate(teacher_variables)
 
   for method in methods:
-    uses_teacher = method in config_lib.TEACHER_METHODS
-    results = [run_net(ctx, method, k, config.student.model, students[method],
-                       teacher if uses_teacher else None,
-                       teacher_variables if uses_teacher else None)
-               for k in range(config.num_nets)]
+    if method in config_lib.TEACHER_MODEL_METHODS:
+      results = [run_net(ctx, method, k, config.teacher.model, students[method], None, None,
+                         teacher_variables if method == 'finetune' else None)
+                 for k in range(config.num_nets)]
+    else:
+      uses_teacher = method in config_lib.TEACHER_METHODS
+      results = [run_net(ctx, method, k, config.student.model, students[method],
+                         teacher if uses_teacher else None,
+                         teacher_variables if uses_teacher else None)
+                 for k in range(config.num_nets)]
     if jax.process_index() == 0:
       rows.append(_row(ctx, method, results))
   if jax.process_index() == 0:

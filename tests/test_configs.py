@@ -38,6 +38,9 @@ def test_config_validates_and_pairs(name, arg, monkeypatch):
   config = _load(name, arg)
   if config.data.root and not os.path.isdir(config.data.root):
     pytest.skip(f'{config.data.root} is absent here')
+  if config.teacher.checkpoint and not os.path.isdir(config.teacher.checkpoint):
+    config.teacher.checkpoint = ''  # Made by another experiment (the source task).
+    config.teacher.num_classes = 0
   config_lib.validate(config)
   num_classes = {'cifar100': 100, 'caltech_birds2011': 200}.get(config.data.name, 10)
   teacher = train.Student(train.build_model(config.teacher,
@@ -64,3 +67,13 @@ def test_tiny_variant_runs_through_main(name, tmp_path):
   for row in rows:
     assert len(row['nets']) == 1 and 0.0 <= row['avg'] <= 1.0
   assert '| fsp |' in process.stdout and (workdir / 'results.md').exists()
+
+
+def test_transfer_source_config_validates(monkeypatch):
+  monkeypatch.chdir(ROOT)
+  config = _load('transfer_cifar10', 'source')
+  if not os.path.isdir(config.data.root):
+    pytest.skip(f'{config.data.root} is absent here')
+  config_lib.validate(config)
+  assert config_lib.method_list(config) == ['teacher_scratch']
+  assert config.teacher.model == _load('transfer_cifar10').teacher.model
