@@ -195,7 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.teacher.num_classes:
     if not config.teacher.checkpoint:
       _fail('teacher.num_classes', 'only a teacher loaded from config.teacher.checkpoint may '
-            'have its own classes; a teacher trained here predicts the data set\'s (use 0).')
+            'have its own classes: give the checkpoint (python -m fsp_jax.convert makes one from '
+            'torchvision weights), or use 0 to train the teacher here on the data set.')
     uses_logits = [m for m in methods
                    if m == 'kd' or (m == 'fitnet' and any(config.fitnet.kd_weight))]
     if uses_logits:

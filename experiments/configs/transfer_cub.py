@@ -1,20 +1,23 @@
 r"""Table 5, transfer: an ImageNet ResNet-34 teacher -> a ResNet-20 student on CUB-200-2011.
 
-The student, resnet20_imagenet, is ResNet-34 with blocks removed (2, 2, 3, 2), so its FSP
-matrices match the teacher's. Give the teacher's ImageNet weights as an Orbax checkpoint of
-{params, batch_stats}; without one, the teacher is trained from scratch on CUB (the paper's
-'teacher from scratch' row). Data from TFDS (caltech_birds2011) or the extracted archive:
+Rows: the teacher's network fine-tuned from its ImageNet weights and trained from scratch, the
+student alone, FitNet and FSP (both taught by the ImageNet teacher on CUB images). The student,
+resnet20_imagenet, is ResNet-34 with blocks removed, (3, 4, 6, 3) -> (2, 2, 3, 2): its stage
+widths stay 64..512, so its FSP matrices match the teacher's without adapters, as in the
+paper's students. Convert torchvision's ImageNet weights once, then train:
 
+  python -m fsp_jax.convert --model=resnet34 --state_dict=resnet34-b627a593.pth \
+      --output=checkpoints/resnet34_imagenet
   python experiments/main.py --config=experiments/configs/transfer_cub.py \
-      --workdir=runs/transfer_cub --config.teacher.checkpoint=/path/to/resnet34_imagenet \
-      --config.teacher.num_classes=1000
-  python experiments/main.py --config=experiments/configs/transfer_cub.py \
-      --workdir=runs/transfer_cub --config.data.name=cub --config.data.root=/path/to/CUB_200_2011
+      --workdir=runs/transfer_cub --config.teacher.checkpoint=checkpoints/resnet34_imagenet
+  # From the extracted CUB_200_2011 archive instead of TFDS's caltech_birds2011:
+  #   --config.data.name=cub --config.data.root=/path/to/CUB_200_2011
   # Small enough for a CPU: 64x64 images, 1/100 of the iterations.
   python experiments/main.py --config=experiments/configs/transfer_cub.py:cpu \
-      --workdir=runs/transfer_cub_cpu --config.data.name=cub --config.data.root=...
+      --workdir=runs/transfer_cub_cpu --config.teacher.checkpoint=checkpoints/resnet34_imagenet
 
-The paper gives no CUB schedule; this one reuses its CIFAR stage lengths at batch 64.
+The paper gives no CUB schedule; this one reuses its CIFAR stage lengths at batch 64, and
+fine-tunes at a tenth of the learning rate. The resolution is config.data.image_size.
 """
 
 from fsp_jax import config as config_lib
@@ -22,7 +25,7 @@ from fsp_jax import config as config_lib
 
 def get_config(arg=None):
   config = config_lib.default()
-  config.methods = 'scratch,fitnet,fsp'
+  config.methods = 'finetune,teacher_scratch,scratch,fitnet,fsp'
   config.num_nets = config.teacher.num_nets = 1
   config.batch_size = 64
   config.eval_batch_size = 128
@@ -31,11 +34,13 @@ def get_config(arg=None):
   config.data.augment = 'crop_flip'
   config.data.normalize = 'imagenet'
   config.teacher.model = 'resnet34'
+  config.teacher.num_classes = 1000  # ImageNet's; give config.teacher.checkpoint.
   config.student.model = 'resnet20_imagenet'
   config.fitnet.kd_weight = (0.0, 0.0)  # An ImageNet teacher has no CUB logits to distill.
   if arg == 'cpu':
     config.data.image_size = 64
     config_lib.scale_steps(config, 0.01)
-  elif arg == 'tiny':
+  elif arg == 'tiny':  # A teacher trained here, in place of the ImageNet one.
     config_lib.tiny(config, image_size=32)
+    config.teacher.num_classes = 0
   return config
