@@ -77,6 +77,9 @@ def default() -> ml_collections.ConfigDict:
   c.fsp.weights = ml_collections.FieldReference(None, field_type=tuple)  # lambda_i; equal.
   c.fsp.shuffle_seed = 0        # Permutation of the teacher's rows and columns (fsp_shuffled).
   c.fsp.task_weight = 0.0       # Optional FSP term added to the stage-2 loss.
+  # Stage 1 reads the teacher's FSP matrices, computed once per training image as the paper
+  # stored them, instead of running the teacher each step; its images are then not augmented.
+  c.fsp.cache = False
 
   c.fitnet = ml_collections.ConfigDict()
   c.fitnet.hint = 'stage2_out'  # Teacher hint and student guided layer (the middle).
@@ -188,6 +191,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if _get(config, key) % devices:
       _fail(key, f'{_get(config, key)} is not divisible by the {devices} devices '
             f'({jax.process_count()} hosts x {jax.local_device_count()} local devices).')
+  if not isinstance(config.fsp.cache, bool):
+    _fail('fsp.cache', f'expected True or False, got {config.fsp.cache!r}.')
   if not 0 <= config.fsp.task_weight:
     _fail('fsp.task_weight', f'expected a weight >= 0, got {config.fsp.task_weight!r}.')
   if len(config.fitnet.kd_weight) != 2:

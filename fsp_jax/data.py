@@ -286,8 +286,9 @@ def train_batches(source, preprocess: Preprocess, global_batch: int, seed: int,
                   process_count: int | None = None) -> Iterator[dict]:
   """Endless host-local training batches from start_step on.
 
-  Yields {'image': [global_batch / hosts, S, S, 3] float32, 'label': [...] int32}. Batch s is
-  the same whatever start_step was; augmentation is seeded per (seed, step, position).
+  Yields {'image': [global_batch / hosts, S, S, 3] float32, 'label': [...] int32, 'index':
+  [...] the examples' positions in source}. Batch s is the same whatever start_step was;
+  augmentation is seeded per (seed, step, position).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -296,7 +297,7 @@ def train_batches(source, preprocess: Preprocess, global_batch: int, seed: int,
   while True:
     indices = train_indices(len(source), global_batch, seed, step)[part]
     rngs = [np.random.default_rng([seed, step, p]) for p in range(part.start, part.stop)]
-    yield _load(source, indices, preprocess, rngs)
+    yield {**_load(source, indices, preprocess, rngs), 'index': indices}
     step += 1
 
 

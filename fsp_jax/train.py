@@ -155,14 +155,16 @@ class Terms:
   temperature: float = 1.0
   shuffle_seed: int | None = None
   hint: str | None = None
+  cached_fsp: bool = False  # The teacher's FSP matrices come with the batch: no teacher pass.
 
-  def __call__(self, logits, features, labels, teacher_logits, teacher_features):
+  def __call__(self, logits, features, labels, teacher_logits, teacher_features,
+               teacher_fsp=None):
     """Each term's value: {'ce': scalar, 'fsp': scalar, ...}."""
     values = {}
     if 'ce' in self.names:
       values['ce'] = losses.cross_entropy(logits, labels)
     if 'fsp' in self.names:
-      target = fsp.fsp_matrices(teacher_features)
+      target = fsp.fsp_matrices(teacher_features) if teacher_fsp is None else teacher_fsp
       if self.shuffle_seed is not None:
         target = shuffle_fsp(target, self.shuffle_seed)
       values['fsp'] = losses.fsp_l2(fsp.fsp_matrices(features), target)
@@ -179,9 +181,10 @@ def method_terms(method: str, config: ml_collections.ConfigDict, phase: Phase) -
     return Terms(names, config.fitnet.temperature, hint=config.fitnet.hint)
   if method == 'kd':
     return Terms(names, config.kd.temperature)
+  cached = method in ('fsp', 'fsp_shuffled') and phase.name == 'stage1' and config.fsp.cache
   if method == 'fsp_shuffled':
-    return Terms(names, shuffle_seed=config.fsp.shuffle_seed)
-  return Terms(names)
+    return Terms(names, shuffle_seed=config.fsp.shuffle_seed, cached_fsp=cached)
+  return Terms(names, cached_fsp=cached)
 
 
 @functools.cache
@@ -189,13 +192,15 @@ def make_train_step(student: Student, teacher: Student | None, terms: Terms,
                     tx: optax.GradientTransformation):
   """A pmapped step (state, batch, teacher_variables, lr, weights) -> (state, metrics).
 
-  batch: {'image': [devices, b, H, W, 3], 'label': [devices, b]}; lr and weights
-  ({term: weight}) are host scalars, broadcast to every device. The state is donated.
+  batch: {'image': [devices, b, H, W, 3], 'label': [devices, b]}, and with
+  terms.cached_fsp 'teacher_fsp': the teacher's matrices ([devices, b, M, N] per stage) in
+  place of a teacher pass. lr and weights ({term: weight}) are host scalars, broadcast to
+  every device. The state is donated.
   """
 
   def step(state, batch, teacher_variables, lr, weights):
     teacher_logits = teacher_features = None
-    if teacher is not None:
+    if teacher is not None and not terms.cached_fsp:
       teacher_logits, teacher_features = teacher.apply(teacher_variables, batch['image'],
                                                        train=False)
 
@@ -203,7 +208,8 @@ def make_train_step(student: Student, teacher: Student | None, terms: Terms,
       (logits, features), updates = student.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
           mutable=['batch_stats'])
-      values = terms(logits, features, batch['label'], teacher_logits, teacher_features)
+      values = terms(logits, features, batch['label'], teacher_logits, teacher_features,
+                     batch.get('teacher_fsp'))
       loss = sum(weights[name] * values[name] for name in terms.names)
       return loss, (updates['batch_stats'], {'loss': loss, **values})
 
@@ -235,6 +241,32 @@ def make_eval_step(model: Student):
     return lax.psum(metrics, 'batch'), jax.nn.softmax(logits)
 
   return jax.pmap(step, axis_name='batch')
+
+
+@functools.cache
+def make_fsp_step(model: Student):
+  """A pmapped (variables, images [devices, b, S, S, 3]) -> FSP matrices [devices, b, M, N]."""
+
+  def step(variables, images):
+    _, features = model.apply(variables, images, train=False)
+    return fsp.fsp_matrices(features)
+
+  return jax.pmap(step, axis_name='batch')
+
+
+def teacher_fsp_cache(teacher: Student, variables, source, preprocess: data.Preprocess,
+                      batch_size: int) -> list[np.ndarray]:
+  """The teacher's FSP matrices of every example of source, seen as in evaluation (no
+  augmentation): a [N, M, N'] float32 array per stage, on every host.
+
+  variables are replicated over the local devices.
+  """
+  step, chunks = make_fsp_step(teacher), []
+  for batch in data.eval_batches(source, preprocess, batch_size):
+    matrices = step(variables, data.shard(batch['image'], jax.local_device_count()))
+    chunks.append([np.asarray(g).reshape((-1,) + g.shape[2:]) for g in matrices])
+  return [_gather_in_order([c[k] for c in chunks])[:len(source)]
+          for k in range(len(chunks[0]))]
 
 
 def _init_variables(model: Student, rng: jax.Array, image_size: int):
@@ -343,6 +375,7 @@ class Context:
   eval_source: Any
   preprocess: data.Preprocess  # Augments when given an RNG (training), not in evaluation.
   tx: optax.GradientTransformation
+  teacher_fsp: list[np.ndarray] | None = None  # By training example, for config.fsp.cache.
 
 
 class Preempted(Exception):
@@ -415,10 +448,14 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
     manager.close()
     return state
   local = jax.local_device_count()
-  batches = data.train_batches(ctx.train_source, ctx.preprocess, config.batch_size,
-                               seed, start_step=start)
+  preprocess = ctx.preprocess
+  if terms.cached_fsp:  # The images the teacher's cached matrices were computed on.
+    preprocess = functools.partial(lambda p, image, rng: p(image, None), ctx.preprocess)
+  batches = data.train_batches(ctx.train_source, preprocess, config.batch_size, seed,
+                               start_step=start)
   batches = jax_utils.prefetch_to_device(
-      (data.shard(b, local) for b in data.prefetch(batches)), 2)
+      (data.shard(_with_teacher_fsp(b, ctx.teacher_fsp if terms.cached_fsp else None), local)
+       for b in data.prefetch(batches)), 2)
   train_step = make_train_step(student, teacher, terms, ctx.tx)
   replicated = jax_utils.replicate(state)
   progress = Progress(where, start, phase.steps, config.batch_size)
@@ -455,6 +492,14 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
   manager.wait_until_finished()
   manager.close()
   return jax.device_get(jax_utils.unreplicate(replicated))
+
+
+def _with_teacher_fsp(batch: dict, cache: list[np.ndarray] | None) -> dict:
+  """The batch for the step: its examples' cached teacher matrices added, 'index' dropped."""
+  index = batch.pop('index')
+  if cache is not None:
+    batch['teacher_fsp'] = [g[index] for g in cache]
+  return batch
 
 
 def run_net(ctx: Context, method: str, net: int, model_name: str, student: Student,
@@ -660,6 +705,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       teacher_variables = load_variables(os.path.join(workdir, 'teacher', 'net1', 'model'),
                                          teacher, config.data.image_size)
     teacher_variables = jax_utils.replicate(teacher_variables)
+    if config.fsp.cache and {'fsp', 'fsp_shuffled'} & set(methods):
+      start = time.time()
+      ctx.teacher_fsp = teacher_fsp_cache(teacher, teacher_variables, train_source,
+                                          ctx.preprocess, config.eval_batch_size)
+      _print(f'Cached the teacher\'s FSP matrices of {len(train_source)} training images in '
+             f'{_duration(time.time() - start)} '
+             f'({sum(g.nbytes for g in ctx.teacher_fsp) / 2**20:.0f} MiB).')
 
   for method in methods:
     if method in config_lib.TEACHER_MODEL_METHODS:

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -58,6 +59,38 @@ def test_stage1_halves_the_fsp_loss(batch):
     history.append(float(metrics['fsp'][0]))
   assert np.all(np.isfinite(history))
   assert history[-1] < 0.5 * history[0], history
+
+
+def test_cached_teacher_matrices_give_the_same_step(batch):
+  """config.fsp.cache: matrices computed once per example replace the teacher pass."""
+  teacher, teacher_variables = _settled_teacher(batch)
+  source = data.digits_source('train', IMAGE_SIZE)
+  cache = train.teacher_fsp_cache(teacher, _on_devices(teacher_variables, jax.local_device_count()),
+                                  source, data.Preprocess(IMAGE_SIZE, 'none'), 120)
+  teacher_variables = _on_devices(teacher_variables, 1)
+  assert [g.shape for g in cache] == [(len(source), 16, 16), (len(source), 16, 32),
+                                      (len(source), 32, 64)]
+  student, tx = _student('resnet8'), train.optimizer(config_lib.default())
+  new_states = []
+  for terms, with_cache in ((train.Terms(('fsp',)), None),
+                            (train.Terms(('fsp',), cached_fsp=True), cache)):
+    state = _on_devices(train.create_train_state(student, jax.random.key(1), IMAGE_SIZE, tx), 1)
+    step = train.make_train_step(student, teacher, terms, tx)
+    shards = data.shard(train._with_teacher_fsp(dict(batch), with_cache), 1)
+    state, _ = step(state, shards, teacher_variables, np.float32(1e-3), {'fsp': np.float32(1.0)})
+    new_states.append(state.params)
+  chex.assert_trees_all_close(*new_states, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_run_trains(tmp_path):
+  config = config_lib.tiny(config_lib.default())
+  config.methods, config.num_nets, config.fsp.cache = 'fsp', 1, True
+  config.teacher.model = config.student.model = 'resnet8'
+  rows = train.train_and_evaluate(config, str(tmp_path))
+  assert [row['method'] for row in rows] == ['teacher', 'fsp']
+  with open(tmp_path / 'fsp' / 'net1' / 'history.json') as f:
+    stage1 = [loss for _, phase, loss in json.load(f)['train'] if phase == 'stage1']
+  assert len(stage1) == config.fsp.stage1.until[-1] and np.all(np.isfinite(stage1))
 
 
 def test_task_step_lowers_the_loss(batch):
