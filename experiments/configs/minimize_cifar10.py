@@ -23,13 +23,7 @@ def get_config(arg=None):
   config.fsp.stage2 = config_lib.schedule(*FULL)
   config.fitnet.stage2 = config_lib.schedule(*FULL)
   if arg == 'cpu':
-    config.data.name = 'folder'
-    config.data.root = '../shared/data/cifar10'
-    config.batch_size = 64  # Halves the step time of the paper's 128 on 2 CPU cores.
-    config.eval_batch_size = 1000
-    config.teacher.num_nets = 1
-    config_lib.scale_steps(config, 0.01)
-    config.eval_every = 160
+    config_lib.cifar10_cpu(config)
   elif arg == 'tiny':
     config_lib.tiny(config)
   return config
