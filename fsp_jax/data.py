@@ -189,7 +189,7 @@ def get_source(config: ml_collections.ConfigDict, split: str):
   if config.name in TFDS_CLASSES:
     return TfdsSource(config.name, split, config.get('data_dir'))
   if config.name == 'folder':
-    few_shot = config.get('max_per_class') if split == config.train_split else None
+    few_shot = config.get('max_per_class') if split == config.get('train_split', 'train') else None
     return folder_source(config.root, split, config.get('classes'), few_shot)
   if config.name == 'cub':
     return cub_source(config.root, split)

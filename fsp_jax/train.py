@@ -544,8 +544,8 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
       snapshot['after'] = mean_fsp_matrices(student, state.variables(), images['image'])
       np.savez(os.path.join(run_dir, 'fsp_matrices.npz'),
                **{f'{when}_{k}': g for when, gs in snapshot.items() for k, g in enumerate(gs)})
-  metrics, probs, labels = evaluate(student, jax_utils.replicate(state.variables()), ctx.eval_source,
-                            ctx.preprocess, config.eval_batch_size)
+  metrics, probs, labels = evaluate(student, jax_utils.replicate(state.variables()),
+                                    ctx.eval_source, ctx.preprocess, config.eval_batch_size)
   history['eval'].append([offset, metrics['accuracy']])
   writer.scalars(offset, {f'eval/{k}': v for k, v in metrics.items()})
   writer.close()
@@ -608,7 +608,7 @@ def build_student(method: str, config: ml_collections.ConfigDict, num_classes: i
   if method in config_lib.TEACHER_MODEL_METHODS:
     return Student(build_model(config.teacher, num_classes, config.dtype))
   backbone = build_model(config.student, num_classes, config.dtype)
-  if method not in config_lib.TEACHER_METHODS:
+  if method not in config_lib.DISTILL_METHODS:
     return Student(backbone)
   size = config.data.image_size
   mine, theirs = _features(Student(backbone), size), _features(teacher, size)
@@ -714,16 +714,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
              f'({sum(g.nbytes for g in ctx.teacher_fsp) / 2**20:.0f} MiB).')
 
   for method in methods:
-    if method in config_lib.TEACHER_MODEL_METHODS:
-      results = [run_net(ctx, method, k, config.teacher.model, students[method], None, None,
-                         teacher_variables if method == 'finetune' else None)
-                 for k in range(config.num_nets)]
-    else:
-      uses_teacher = method in config_lib.TEACHER_METHODS
-      results = [run_net(ctx, method, k, config.student.model, students[method],
-                         teacher if uses_teacher else None,
-                         teacher_variables if uses_teacher else None)
-                 for k in range(config.num_nets)]
+    own = method in config_lib.TEACHER_MODEL_METHODS  # The teacher's network, trained here.
+    distills = method in config_lib.DISTILL_METHODS
+    results = [run_net(ctx, method, k, (config.teacher if own else config.student).model,
+                       students[method], teacher if distills else None,
+                       teacher_variables if distills else None,
+                       pretrained=teacher_variables if method == 'finetune' else None)
+               for k in range(config.num_nets)]
     if jax.process_index() == 0:
       rows.append(_row(ctx, method, results))
   if jax.process_index() == 0:
