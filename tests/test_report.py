@@ -1,0 +1,55 @@
+"""Results tables and the report (tables beside the paper's, plots) from a finished workdir."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsp_jax import config as config_lib
+from fsp_jax import report, train
+
+
+def test_ensemble_accuracy_averages_probabilities():
+  labels = np.array([0, 1, 1])
+  a = np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])  # 2/3 right.
+  b = np.array([[0.2, 0.8], [0.1, 0.9], [0.3, 0.7]])  # 2/3 right.
+  assert report.ensemble_accuracy([a, b], labels) == 1.0
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  config = config_lib.tiny(config_lib.default())
+  config.methods, config.num_nets = 'scratch,fsp', 2
+  config.teacher.model = config.student.model = 'resnet8'
+  workdir = str(tmp_path_factory.mktemp('run'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_report_has_tables_beside_the_paper_and_plots(workdir, tmp_path):
+  out = str(tmp_path / 'report')
+  report.main(['--out', out, f'table1={workdir}'])
+  with open(os.path.join(out, 'REPORT.md')) as f:
+    text = f.read()
+  assert '| Method | Model | Net 1 | Net 2 | Avg | Ens | #Iter | Wall | Paper Avg |' in text
+  assert '| FSP | resnet8 |' in text and '| 92.14 | 93.26 | 84k |' in text  # The paper's row.
+  assert '- FSP - Student alone: ' in text and '(paper: +1.50)' in text
+  for name in ('table1_accuracy.png', 'table1_fsp_loss.png', 'table1_fsp_matrices.png'):
+    assert f'({name})' in text
+    with Image.open(os.path.join(out, name)) as image:
+      assert image.size[0] > 400 and image.size[1] > 300
+
+
+def test_fsp_matrices_are_saved_before_and_after_stage1(workdir):
+  matrices = np.load(os.path.join(workdir, 'fsp', 'net1', 'fsp_matrices.npz'))
+  assert sorted(matrices.files) == sorted(f'{when}_{k}' for when in ('teacher', 'before', 'after')
+                                          for k in range(3))
+  assert matrices['teacher_2'].shape == (32, 64)
+  assert not np.allclose(matrices['before_2'], matrices['after_2'])  # Stage 1 moved them.
+
+
+def test_report_rejects_unknown_tables_and_unfinished_workdirs(workdir, tmp_path):
+  for item in (f'table9={workdir}', f'table1={tmp_path}'):
+    with pytest.raises(SystemExit):
+      report.main(['--out', str(tmp_path / 'r'), item])
