@@ -235,8 +235,14 @@ def write_report(runs: dict[str, str], out_dir: str, notes: str = '') -> str:
     run = load_run(workdir)
     config = run['config']
     parts.append(f'\n## {title}\n')
-    parts.append(f'Workdir `{workdir}`; data {config["data"]["root"] or config["data"]["name"]}'
-                 f', image size {config["data"]["image_size"]},'
+    data = config['data']
+    subset = ''
+    if data.get('classes'):
+      subset = f' classes {", ".join(data["classes"])}'
+    if data.get('max_per_class'):
+      subset += f' ({data["max_per_class"]} training images per class)'
+    parts.append(f'Ours: {config["teacher"]["model"]} -> {config["student"]["model"]} on '
+                 f'{data["root"] or data["name"]}{subset}, image size {data["image_size"]},'
                  f' batch {config["batch_size"]}; seeds {config["seed"]}..'
                  f'{config["seed"] + config["num_nets"] - 1} (net k uses seed + k - 1). '
                  'Accuracy in %; #Iter sums the iterations of all nets of a row, stage 1 '
