@@ -6,8 +6,8 @@ with shuffled teacher matrices (the dagger row).
 
   python experiments/main.py --config=experiments/configs/fast_opt_cifar10.py \
       --workdir=runs/fast_opt_cifar10
-  # On 2 CPU cores in about an hour: 1/100 of the iterations, batch 64, one teacher, stage-1
-  # rates a tenth of the paper's (config.cifar10_cpu), on the JPEG CIFAR-10 in ../shared/data:
+  # On 2 CPU cores in about an hour (config.cifar10_cpu): 1/100 of the iterations, batch 64,
+  # one teacher, lower stage-1 rates, on the JPEG CIFAR-10 in ../shared/data:
   python experiments/main.py --config=experiments/configs/fast_opt_cifar10.py:cpu \
       --workdir=runs/fast_opt_cifar10_cpu
 """
