@@ -13,7 +13,8 @@ import ml_collections
 from fsp_jax import data, models
 
 METHODS = ('scratch', 'fsp', 'fsp_shuffled', 'fitnet', 'kd', 'finetune', 'teacher_scratch')
-DISTILL_METHODS = ('fsp', 'fsp_shuffled', 'fitnet', 'kd')  # Run the teacher in training.
+FSP_METHODS = ('fsp', 'fsp_shuffled')  # Stage 1 on the teacher's FSP matrices.
+DISTILL_METHODS = FSP_METHODS + ('fitnet', 'kd')  # Run the teacher in training.
 TEACHER_METHODS = DISTILL_METHODS + ('finetune',)  # Need the teacher's weights.
 TEACHER_MODEL_METHODS = ('finetune', 'teacher_scratch')  # Train the teacher's network.
 DTYPES = ('float32', 'bfloat16')

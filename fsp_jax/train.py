@@ -116,7 +116,7 @@ def method_phases(method: str, config: ml_collections.ConfigDict) -> list[Phase]
     return [_phase('train', config.scratch, ce)]
   if method == 'finetune':
     return [_phase('train', config.finetune, ce)]
-  if method in ('fsp', 'fsp_shuffled'):
+  if method in config_lib.FSP_METHODS:
     stage2 = [ce] + ([('fsp', config.fsp.task_weight, config.fsp.task_weight)]
                      if config.fsp.task_weight else [])
     return [_phase('stage1', config.fsp.stage1, ('fsp', 1.0, 1.0)),
@@ -181,7 +181,7 @@ def method_terms(method: str, config: ml_collections.ConfigDict, phase: Phase) -
     return Terms(names, config.fitnet.temperature, hint=config.fitnet.hint)
   if method == 'kd':
     return Terms(names, config.kd.temperature)
-  cached = method in ('fsp', 'fsp_shuffled') and phase.name == 'stage1' and config.fsp.cache
+  cached = method in config_lib.FSP_METHODS and phase.name == 'stage1' and config.fsp.cache
   if method == 'fsp_shuffled':
     return Terms(names, shuffle_seed=config.fsp.shuffle_seed, cached_fsp=cached)
   return Terms(names, cached_fsp=cached)
@@ -473,7 +473,9 @@ def train_phase(ctx: Context, label: str, run_dir: str, phase: Phase, student: S
                                      f'{phase.name}/lr': phase.learning_rate(step),
                                      'train/images_per_s': rate})
       history['train'].append([offset + done, phase.name, metrics['loss']])
-    if 'ce' in terms.names and config.eval_every and done % config.eval_every == 0:
+    # The end of the phase is evaluated once, by run_net.
+    if ('ce' in terms.names and config.eval_every and done % config.eval_every == 0
+        and done < phase.steps):
       result, _, _ = evaluate(student, replicated.variables(), ctx.eval_source, ctx.preprocess,
                               config.eval_batch_size)
       writer.scalars(offset + done, {f'eval/{k}': v for k, v in result.items()})
@@ -526,7 +528,7 @@ def run_net(ctx: Context, method: str, net: int, model_name: str, student: Stude
     with open(history_path) as f:
       history = json.load(f)
   snapshot = {}
-  if method in ('fsp', 'fsp_shuffled'):  # For the report's heatmaps.
+  if method in config_lib.FSP_METHODS:  # For the report's heatmaps.
     images = next(data.eval_batches(ctx.eval_source, ctx.preprocess, SNAPSHOT_IMAGES, 0, 1))
     snapshot['teacher'] = mean_fsp_matrices(teacher, jax_utils.unreplicate(teacher_variables),
                                             images['image'])
@@ -705,7 +707,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       teacher_variables = load_variables(os.path.join(workdir, 'teacher', 'net1', 'model'),
                                          teacher, config.data.image_size)
     teacher_variables = jax_utils.replicate(teacher_variables)
-    if config.fsp.cache and {'fsp', 'fsp_shuffled'} & set(methods):
+    if config.fsp.cache and set(config_lib.FSP_METHODS) & set(methods):
       start = time.time()
       ctx.teacher_fsp = teacher_fsp_cache(teacher, teacher_variables, train_source,
                                           ctx.preprocess, config.eval_batch_size)
