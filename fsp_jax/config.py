@@ -20,15 +20,25 @@ TEACHER_MODEL_METHODS = ('finetune', 'teacher_scratch')  # Train the teacher's n
 DTYPES = ('float32', 'bfloat16')
 
 
-def schedule(lrs: Sequence[float], until: Sequence[int]) -> ml_collections.ConfigDict:
-  """Piecewise-constant learning rate: lrs[k] until iteration until[k]; until[-1] = length."""
-  return ml_collections.ConfigDict({'lrs': tuple(lrs), 'until': tuple(until)})
+DECAYS = ('step', 'cosine')
+
+
+def schedule(lrs: Sequence[float], until: Sequence[int], warmup: int = 0,
+             decay: str = 'step') -> ml_collections.ConfigDict:
+  """A learning-rate schedule of until[-1] iterations.
+
+  decay='step' (the paper's): lrs[k] until iteration until[k]. decay='cosine': one peak rate
+  lrs[0], cosine-decayed to 0 at until[0]. Either starts with `warmup` iterations rising
+  linearly from 0 (as optax.warmup_cosine_decay_schedule).
+  """
+  return ml_collections.ConfigDict({'lrs': tuple(lrs), 'until': tuple(until),
+                                    'warmup': warmup, 'decay': decay})
 
 
 def default() -> ml_collections.ConfigDict:
   """The paper's CIFAR-10 recipe with ResNet-26 teacher and student (Table 1)."""
   c = ml_collections.ConfigDict()
-  c.methods = 'scratch,fsp'     # Comma-separated rows of the table, after the teacher's.
+  c.methods = 'scratch,fsp'     # Comma-separated rows after the teacher's; '': teacher only.
   c.num_nets = 3                # Students per method (Net 1..3 and their ensemble).
   c.seed = 0
   c.batch_size = 128            # Global: over all devices and hosts.
@@ -113,6 +123,7 @@ def scale_steps(config: ml_collections.ConfigDict, factor: float) -> ml_collecti
     for u in sched.until:  # At least one step per learning rate.
       until.append(max(round(u * factor), until[-1] + 1 if until else 1))
     sched.until = tuple(until)
+    sched.warmup = min(round(sched.warmup * factor), until[-1] - 1)
   for key in ('log_every', 'eval_every', 'checkpoint_every'):
     if config[key]:
       config[key] = max(1, round(config[key] * factor))
@@ -161,6 +172,7 @@ def tiny(config: ml_collections.ConfigDict, image_size: int = 16) -> ml_collecti
   config.checkpoint_every = 2
   for sched in schedules(config).values():
     sched.until = tuple(range(1, len(sched.lrs) + 1))
+    sched.warmup = 0
   # Enough teacher steps for its BatchNorm statistics to settle: an unsettled teacher's
   # features, and FSP matrices, are orders of magnitude too large.
   config.teacher.schedule.until = tuple(20 * (k + 1) // len(config.teacher.schedule.lrs)
@@ -183,9 +195,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks types, ranges, names, paths and divisibility; raises ValueError naming the key."""
   methods = method_list(config)
   unknown = [m for m in methods if m not in METHODS]
-  if not methods or unknown:
-    _fail('methods', f'unknown {unknown or "(empty)"}; expected a comma-separated list of '
-          f'{", ".join(METHODS)}.')
+  if unknown:
+    _fail('methods', f'unknown {unknown}; expected a comma-separated list of '
+          f'{", ".join(METHODS)}, or nothing to train the teacher only.')
   for key in ('num_nets', 'teacher.num_nets', 'batch_size', 'eval_batch_size',
               'log_every', 'checkpoint_every', 'keep_checkpoints', 'teacher.width',
               'student.width', 'data.image_size'):
@@ -255,3 +267,10 @@ def _validate_schedule(key: str, sched: ml_collections.ConfigDict) -> None:
           f'order, got {until}.')
   if any(not lr > 0 for lr in lrs):
     _fail(f'{key}.lrs', f'learning rates must be positive, got {lrs}.')
+  if sched.get('decay', 'step') not in DECAYS:
+    _fail(f'{key}.decay', f'unknown {sched.decay!r}; expected one of {", ".join(DECAYS)}.')
+  if sched.get('decay', 'step') == 'cosine' and len(lrs) != 1:
+    _fail(key, f'a cosine schedule has one peak rate and one length, got lrs {lrs}.')
+  warmup = sched.get('warmup', 0)
+  if not isinstance(warmup, int) or not 0 <= warmup < until[-1]:
+    _fail(f'{key}.warmup', f'expected an integer in [0, {until[-1]}), got {warmup!r}.')

@@ -83,6 +83,8 @@ class Phase:
   Attributes:
     name: 'train', 'stage1' or 'stage2'; names the checkpoint folder.
     lrs, until: lrs[k] is used until iteration until[k]; until[-1] is the length.
+    warmup, decay: a linear warm-up's length, and 'step' (lrs as above) or 'cosine' (lrs[0]
+      decayed to 0), as config.schedule.
     terms: ((term, weight at the first step, weight at the last step), ...) with term one
       of 'ce', 'fsp', 'kd', 'hint'; weights change linearly in between.
   """
@@ -90,13 +92,19 @@ class Phase:
   lrs: tuple[float, ...]
   until: tuple[int, ...]
   terms: tuple[tuple[str, float, float], ...]
+  warmup: int = 0
+  decay: str = 'step'
 
   @property
   def steps(self) -> int:
     return self.until[-1]
 
   def learning_rate(self, step: int) -> float:
-    return self.lrs[min(bisect.bisect_right(self.until, step), len(self.lrs) - 1)]
+    if self.decay == 'cosine':
+      return float(optax.warmup_cosine_decay_schedule(0.0, self.lrs[0], self.warmup,
+                                                      self.steps)(step))
+    lr = self.lrs[min(bisect.bisect_right(self.until, step), len(self.lrs) - 1)]
+    return lr * step / self.warmup if step < self.warmup else lr
 
   def weights(self, step: int) -> dict[str, float]:
     progress = step / max(1, self.steps - 1)
@@ -104,7 +112,8 @@ class Phase:
 
 
 def _phase(name, schedule, *terms) -> Phase:
-  return Phase(name, tuple(schedule.lrs), tuple(schedule.until), tuple(terms))
+  return Phase(name, tuple(schedule.lrs), tuple(schedule.until), tuple(terms),
+               schedule.get('warmup', 0), schedule.get('decay', 'step'))
 
 
 def method_phases(method: str, config: ml_collections.ConfigDict) -> list[Phase]:
@@ -689,7 +698,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       f.write(config.to_json_best_effort(indent=1))
 
   rows, teacher_variables = [], None
-  if any(m in config_lib.TEACHER_METHODS for m in methods):
+  if not methods or any(m in config_lib.TEACHER_METHODS for m in methods):
     if config.teacher.checkpoint:
       teacher_variables = load_variables(config.teacher.checkpoint, teacher,
                                          config.data.image_size)
