@@ -15,8 +15,9 @@ import time
 import jax
 import numpy as np
 
-from fsp_jax import config as config_lib
-from fsp_jax import data, models, train
+from fsp_jax import data, models
+from fsp_jax import steps as steps_lib
+from fsp_jax.methods import Phase, Schedule, Student, Term
 
 
 def input_rate(source, batch_size: int, batches: int) -> float:
@@ -32,23 +33,23 @@ def input_rate(source, batch_size: int, batches: int) -> float:
 
 def step_rate(terms: tuple[str, ...], batch_size: int, steps: int) -> float:
   """Images/s of the ResNet-26 train step with these loss terms, after compilation."""
-  tx = train.optimizer(config_lib.default())
-  student = train.Student(models.get('resnet26', 10, axis_name='batch'))
+  phase = Phase('train', Schedule((1e-3,), (1_000_000,)), tuple(Term(t) for t in terms))
+  tx = steps_lib.optimizer(phase.schedule, 1e-4, 0.9)
+  student = Student(models.get('resnet26', 10, axis_name='batch'))
   teacher = student if 'fsp' in terms else None
-  state = train.create_train_state(student, jax.random.key(0), 32, tx)
+  state = steps_lib.create_train_state(student, jax.random.key(0), 32, tx)
   devices = jax.local_device_count()
   replicate = lambda tree: jax.tree_util.tree_map(lambda x: np.stack([x] * devices), tree)
   teacher_variables = replicate(state.variables())
   state = replicate(jax.device_get(state))
   batch = data.shard({'image': np.random.rand(batch_size, 32, 32, 3).astype(np.float32),
                       'label': np.zeros(batch_size, np.int32)}, devices)
-  step = train.make_train_step(student, teacher, train.Terms(terms), tx)
-  weights = {t: np.float32(1.0) for t in terms}
-  state, metrics = step(state, batch, teacher_variables, np.float32(1e-3), weights)
+  step = steps_lib.make_train_step(student, teacher, phase, tx)
+  state, metrics = step(state, batch, teacher_variables)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = step(state, batch, teacher_variables, np.float32(1e-3), weights)
+    state, metrics = step(state, batch, teacher_variables)
   jax.block_until_ready(metrics)
   return steps * batch_size / (time.perf_counter() - start)
 

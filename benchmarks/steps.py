@@ -51,49 +51,48 @@ def jax_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int
   """{step: {'seconds', 'compile_s', 'flops', 'memory_bytes'}} of our library's steps."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fsp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from fsp_jax import data, models, train  # pylint: disable=g-import-not-at-top
+  from fsp_jax import data, models, steps  # pylint: disable=g-import-not-at-top
+  from fsp_jax.methods import Phase, Schedule, Student, Term  # pylint: disable=g-import-not-at-top
 
   devices = jax.local_device_count()
   replicate = lambda tree: jax.tree_util.tree_map(
       lambda x: np.stack([np.asarray(x)] * devices), tree)
-  tx = train.optimizer(config_lib.default())
-  teacher = train.Student(models.get(teacher_name, 10, axis_name='batch'))
-  student = train.Student(models.get(student_name, 10, axis_name='batch'))
+  schedule = Schedule((1e-3,), (1_000_000,))
+  tx = steps.optimizer(schedule, 1e-4, 0.9)
+  teacher = Student(models.get(teacher_name, 10, axis_name='batch'))
+  student = Student(models.get(student_name, 10, axis_name='batch'))
   teacher_variables = replicate(
-      train.create_train_state(teacher, jax.random.key(1), 32, tx).variables())
+      steps.create_train_state(teacher, jax.random.key(1), 32, tx).variables())
   rng = np.random.default_rng(0)
   batch = data.shard({'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
                       'label': rng.integers(0, 10, batch_size).astype(np.int32)}, devices)
-  cached = train.make_fsp_step(teacher)(teacher_variables, batch['image'])
-  lr = np.float32(1e-3)
+  cached = steps.make_fsp_step(teacher)(teacher_variables, batch['image'])
+  phase = lambda *terms: Phase('train', schedule, terms)
   calls = {
-      'stage1': (train.make_train_step(student, teacher, train.Terms(('fsp',)), tx),
-                 batch, teacher_variables, {'fsp': np.float32(1)}),
-      'stage1_cached': (train.make_train_step(student, teacher,
-                                              train.Terms(('fsp',), cached_fsp=True), tx),
-                        {**batch, 'teacher_fsp': cached}, teacher_variables,
-                        {'fsp': np.float32(1)}),
-      'stage2': (train.make_train_step(student, None, train.Terms(('ce',)), tx), batch, None,
-                 {'ce': np.float32(1)}),
+      'stage1': (steps.make_train_step(student, teacher, phase(Term('fsp')), tx),
+                 batch, teacher_variables),
+      'stage1_cached': (steps.make_train_step(
+          student, teacher, phase(Term('fsp', options=(('cached', True),))), tx),
+                        {**batch, 'teacher_fsp': cached}, teacher_variables),
+      'stage2': (steps.make_train_step(student, None, phase(Term('ce')), tx), batch, None),
   }
   results = {}
-  for name, (step, inputs, variables, weights) in calls.items():
-    state = replicate(train.create_train_state(student, jax.random.key(0), 32, tx))
+  for name, (step, inputs, variables) in calls.items():
+    state = replicate(steps.create_train_state(student, jax.random.key(0), 32, tx))
     start = time.perf_counter()
-    compiled = step.lower(state, inputs, variables, lr, weights).compile()
+    compiled = step.lower(state, inputs, variables).compile()
     compile_s = time.perf_counter() - start
     holder = [state]
 
     def run():
-      holder[0], metrics = compiled(holder[0], inputs, variables, lr, weights)
+      holder[0], metrics = compiled(holder[0], inputs, variables)
       jax.block_until_ready(metrics)
 
     results[name] = _measure(compiled, run, compile_s, repeats)
-  variables = replicate(train.create_train_state(student, jax.random.key(0), 32, tx).variables())
+  variables = replicate(steps.create_train_state(student, jax.random.key(0), 32, tx).variables())
   eval_batch = {**batch, 'mask': np.ones(batch['label'].shape, bool)}
   start = time.perf_counter()
-  compiled = train.make_eval_step(student).lower(variables, eval_batch).compile()
+  compiled = steps.make_eval_step(student).lower(variables, eval_batch).compile()
   compile_s = time.perf_counter() - start
   results['eval'] = _measure(compiled, lambda: jax.block_until_ready(
       compiled(variables, eval_batch)), compile_s, repeats)

@@ -35,12 +35,25 @@ def _decode(path: str) -> np.ndarray:
     raise ValueError(f'Cannot decode image file {path}: {e}') from e
 
 
-def _check_header(path: str) -> None:
+# How a complete file of each format ends: a file cut short (an interrupted copy) has a good
+# header but not this ending.
+_ENDINGS = {'JPEG': (b'\xff\xd9',), 'PNG': (b'IEND\xaeB`\x82',)}
+
+
+def _check_file(path: str) -> None:
+  """Checks an image file's header and that it is complete, without decoding its pixels."""
   try:
-    with Image.open(path):
-      pass
+    with Image.open(path) as image:
+      image_format = image.format
+    with open(path, 'rb') as f:
+      f.seek(max(0, os.path.getsize(path) - 64))
+      tail = f.read().rstrip(b'\x00\r\n ')
   except (OSError, ValueError) as e:
     raise ValueError(f'Not a readable image file: {path} ({e}).') from e
+  endings = _ENDINGS.get(image_format)
+  if endings and not tail.endswith(endings):
+    raise ValueError(f'Image file {path} is truncated: a {image_format} file must end with '
+                     f'{endings[0]!r} (an interrupted copy or download?).')
 
 
 class FileSource:
@@ -48,8 +61,8 @@ class FileSource:
 
   def __init__(self, paths: Sequence[str], labels: Sequence[int], num_classes: int):
     self.paths, self.labels, self.num_classes = list(paths), np.asarray(labels), num_classes
-    for path in self.paths:  # Headers only: a wrong file fails now, not mid-training.
-      _check_header(path)
+    for path in self.paths:  # Headers and endings: a bad file fails now, not mid-training.
+      _check_file(path)
 
   def __len__(self):
     return len(self.paths)

@@ -17,7 +17,11 @@ def _leaves(tree: Any, name: str) -> list[jnp.ndarray]:
   return leaves
 
 
-def fsp_l2(student: Any, teacher: Any, weights: Sequence[float] | None = None) -> jnp.ndarray:
+FSP_NORMALIZATIONS = ('none', 'entries', 'teacher')
+
+
+def fsp_l2(student: Any, teacher: Any, weights: Sequence[float] | None = None,
+           normalize: str = 'none') -> jnp.ndarray:
   """The paper's L_FSP: squared Frobenius distance between FSP matrices.
 
       L = 1/B sum_x sum_i w_i || G_i^S(x) - G_i^T(x) ||_F^2
@@ -45,9 +49,14 @@ def fsp_l2(student: Any, teacher: Any, weights: Sequence[float] | None = None) -
       raise ValueError(
           f'FSP matrix {i}: student shape {g_s.shape} does not match teacher shape '
           f'{g_t.shape}. Stage widths differ; use a channel adapter on the student '
-          '(config.adapter=True, or fsp_jax.adapters.ChannelAdapter).')
-    diff = g_s.astype(jnp.float32) - jax.lax.stop_gradient(g_t).astype(jnp.float32)
-    total = total + w * jnp.sum(jnp.square(diff), axis=(1, 2))
+          '(config.student.adapter=True, or fsp_jax.adapters.ChannelAdapter).')
+    g_t = jax.lax.stop_gradient(g_t).astype(jnp.float32)
+    term = jnp.sum(jnp.square(g_s.astype(jnp.float32) - g_t), axis=(1, 2))
+    if normalize == 'entries':
+      term = term / (g_t.shape[1] * g_t.shape[2])
+    elif normalize == 'teacher':
+      term = term / jnp.maximum(jnp.sum(jnp.square(g_t), axis=(1, 2)), 1e-12)
+    total = total + w * term
   return jnp.mean(total)
 
 
@@ -85,3 +94,4 @@ def hint_loss(regressed: jnp.ndarray, teacher_feature: jnp.ndarray) -> jnp.ndarr
         f'{teacher_feature.shape}; the regressor must map to the teacher width.')
   diff = regressed.astype(jnp.float32) - jax.lax.stop_gradient(teacher_feature).astype(jnp.float32)
   return 0.5 * jnp.mean(jnp.sum(jnp.square(diff), axis=tuple(range(1, diff.ndim))))
+

@@ -6,63 +6,21 @@ with the paper's numbers beside ours and plots, from finished experiments' workd
 """
 
 import argparse
-import glob
-import json
 import os
 
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure  # Not pyplot: a notebook's backend stays the user's.
 import numpy as np
 
-
-def ensemble_accuracy(probs: list[np.ndarray], labels: np.ndarray) -> float:
-  """Accuracy of the averaged softmax of several nets: probs [nets][N, C], labels [N]."""
-  return float(np.mean(np.argmax(np.mean(probs, axis=0), axis=-1) == labels))
+from fsp_jax import methods
+from fsp_jax.results import iterations, load_run, percent
 
 
-def table_row(results: list[dict], probs: list[np.ndarray], labels: np.ndarray) -> dict:
-  """One row from the result.json dicts and test probabilities of a method's nets."""
-  return {'method': results[0]['method'], 'model': results[0]['model'],
-          'nets': [r['accuracy'] for r in results],
-          'avg': float(np.mean([r['accuracy'] for r in results])),
-          'ensemble': ensemble_accuracy(probs, labels) if len(probs) > 1 else None,
-          'iterations': sum(r['iterations'] for r in results),
-          'wall_s': sum(r.get('wall_s', 0.0) for r in results)}
+def _label(method: str) -> str:
+  return methods.get(method).label
 
 
-def _percent(value) -> str:
-  return '-' if value is None else f'{100 * value:.2f}'
-
-
-def markdown_table(rows: list[dict]) -> str:
-  """Accuracies in %, a column per net, like the paper's Table 1."""
-  nets = max(len(row['nets']) for row in rows)
-  head = (['Method', 'Model'] + [f'Net {k + 1}' for k in range(nets)] +
-          ['Avg', 'Ens', '#Iter', 'Wall'])
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  for row in rows:
-    cells = [row['method'], row['model']] + [_percent(a) for a in row['nets']]
-    cells += ['-'] * (nets - len(row['nets']))
-    cells += [_percent(row['avg']), _percent(row['ensemble']), _iterations(row['iterations']),
-              f"{row['wall_s'] / 60:.1f} min"]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
-
-
-def _iterations(n: int) -> str:
-  return f'{n / 1000:g}k' if n >= 1000 else str(n)
-
-
-def write_results(workdir: str, rows: list[dict]) -> str:
-  """Writes results.md and results.json into workdir; returns the Markdown table."""
-  table = markdown_table(rows)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write('Test accuracy (%) of each net, their average and their ensemble (averaged softmax).'
-            '\n\n' + table + '\n')
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
-  return table
+def _color(method: str) -> str:
+  return methods.get(method).color
 
 
 # The paper's numbers by table and method: (Net 1, Net 2, Net 3, Avg, Ens, #Iter); None where
@@ -86,28 +44,6 @@ PAPER = {
         'fitnet': (None, None, None, 70.19, None, None),
         'fsp': (None, None, None, 74.26, None, None)}),
 }
-LABELS = {'teacher': 'Teacher', 'scratch': 'Student alone',
-          'fitnet': 'FitNet', 'fsp': 'FSP', 'fsp_shuffled': 'FSP, shuffled (dagger)',
-          'kd': 'KD', 'finetune': 'Teacher net, fine-tuned', 'teacher_scratch':
-          'Teacher net, from scratch'}
-COLORS = {'teacher': 'black', 'scratch': 'tab:gray', 'fitnet': 'tab:orange', 'fsp': 'tab:blue',
-          'fsp_shuffled': 'tab:purple', 'kd': 'tab:green', 'finetune': 'tab:red',
-          'teacher_scratch': 'tab:brown'}
-
-
-def load_run(workdir: str) -> dict:
-  """A finished experiment: {'rows', 'config', 'results': {method: [result.json dicts]}}."""
-  with open(os.path.join(workdir, 'results.json')) as f:
-    rows = json.load(f)
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
-  results = {}
-  for row in rows:
-    paths = sorted(glob.glob(os.path.join(workdir, row['method'], 'net*', 'result.json')))
-    results[row['method']] = [json.load(open(p)) for p in paths]
-  return {'workdir': workdir, 'rows': rows, 'config': config, 'results': results}
-
-
 def _task_offset(history: dict) -> int:
   """Iterations before the task stage (stage 1's length; 0 for one-stage methods)."""
   return max([step for step, phase, _ in history['train'] if phase == 'stage1'], default=0)
@@ -115,7 +51,8 @@ def _task_offset(history: dict) -> int:
 
 def plot_accuracy(run: dict, title: str, path: str) -> None:
   """Test accuracy vs task-stage iteration: each net thin, the mean of the nets bold."""
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   for method, results in run['results'].items():
     if method == 'teacher':
       continue
@@ -123,11 +60,11 @@ def plot_accuracy(run: dict, title: str, path: str) -> None:
     for result in results:
       offset = _task_offset(result['history'])
       steps, accuracy = zip(*[(s - offset, 100 * a) for s, a in result['history']['eval']])
-      ax.plot(steps, accuracy, color=COLORS.get(method), alpha=0.3, lw=1)
+      ax.plot(steps, accuracy, color=_color(method), alpha=0.3, lw=1)
       curves.append(accuracy)
     if len({len(c) for c in curves}) == 1:
-      ax.plot(steps, np.mean(curves, axis=0), color=COLORS.get(method), lw=2, marker='o',
-              ms=3, label=f'{LABELS.get(method, method)} (mean of {len(curves)})')
+      ax.plot(steps, np.mean(curves, axis=0), color=_color(method), lw=2, marker='o',
+              ms=3, label=f'{_label(method)} (mean of {len(curves)})')
   ax.set_xlabel('iteration of the task stage (after any stage 1)')
   ax.set_ylabel('test accuracy (%)')
   ax.set_title(title)
@@ -135,17 +72,17 @@ def plot_accuracy(run: dict, title: str, path: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def plot_fsp_loss(run: dict, title: str, path: str) -> None:
   """Stage 1's FSP loss vs iteration (log scale), one line per net of fsp / fsp_shuffled."""
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   for method in ('fsp', 'fsp_shuffled'):
     for k, result in enumerate(run['results'].get(method, [])):
       points = [(s, loss) for s, phase, loss in result['history']['train'] if phase == 'stage1']
-      ax.plot(*zip(*points), color=COLORS[method], alpha=0.8, lw=1,
-              label=LABELS[method] if k == 0 else None)
+      ax.plot(*zip(*points), color=_color(method), alpha=0.8, lw=1,
+              label=_label(method) if k == 0 else None)
   ax.set_yscale('log')
   ax.set_xlabel('stage-1 iteration')
   ax.set_ylabel('FSP loss (sum over stages of squared L2)')
@@ -154,7 +91,6 @@ def plot_fsp_loss(run: dict, title: str, path: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def plot_fsp_matrices(npz_path: str, title: str, path: str) -> None:
@@ -165,8 +101,8 @@ def plot_fsp_matrices(npz_path: str, title: str, path: str) -> None:
   stages = sorted({int(k.split('_')[1]) for k in matrices.files})
   columns = (('teacher', 'teacher'), ('before', 'student before stage 1'),
              ('after', 'student after stage 1'))
-  fig, axes = plt.subplots(len(stages), 3, figsize=(11, 3.3 * len(stages)), squeeze=False,
-                           layout='constrained')
+  fig = Figure(figsize=(11, 3.3 * len(stages)), layout='constrained')
+  axes = fig.subplots(len(stages), 3, squeeze=False)
   for row, stage in enumerate(stages):
     scale = matrices[f'teacher_{stage}'].max()
     for col, (key, label) in enumerate(columns):
@@ -182,7 +118,6 @@ def plot_fsp_matrices(npz_path: str, title: str, path: str) -> None:
                  "teacher's max)")
   fig.suptitle(title)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def _cell(value) -> str:
@@ -197,9 +132,9 @@ def comparison_table(rows: list[dict], paper: dict) -> str:
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for row in rows:
     theirs = paper.get(row['method'], (None,) * 6)
-    cells = [LABELS.get(row['method'], row['method']), row['model']]
-    cells += [_percent(a) for a in row['nets']] + ['-'] * (nets - len(row['nets']))
-    cells += [_percent(row['avg']), _percent(row['ensemble']), _iterations(row['iterations']),
+    cells = [_label(row['method']), row['model']]
+    cells += [percent(a) for a in row['nets']] + ['-'] * (nets - len(row['nets']))
+    cells += [percent(row['avg']), percent(row['ensemble']), iterations(row['iterations']),
               f"{row['wall_s'] / 60:.1f} min"]
     cells += [_cell(v) for v in theirs[3:]]
     lines.append('| ' + ' | '.join(cells) + ' |')
@@ -216,7 +151,7 @@ def gains(rows: list[dict], paper: dict, baseline: str = 'scratch') -> list[str]
     if method in (baseline, 'teacher'):
       continue
     ours = 100 * (row['avg'] - by_method[baseline]['avg'])
-    line = f'- {LABELS.get(method, method)} - {LABELS[baseline]}: {ours:+.2f} points'
+    line = f'- {_label(method)} - {_label(baseline)}: {ours:+.2f} points'
     if method in paper and baseline in paper:
       line += f' (paper: {paper[method][3] - paper[baseline][3]:+.2f})'
     lines.append(line)

@@ -1,7 +1,8 @@
 """Test setup: 8 fake CPU devices (set before JAX starts), a compilation cache shared by the
-workers and the main.py subprocesses, and quick hypothesis settings."""
+workers and the main.py subprocesses, experiments/ on the path, and quick hypothesis settings."""
 
 import os
+import sys
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -10,6 +11,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'fsp_jax_tests_xla_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+# The experiment configs and their helpers (experiments/configs/common.py), as main.py sees them.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'experiments'))
 
 import hypothesis  # pylint: disable=g-import-not-at-top
 

@@ -11,21 +11,29 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fsp_jax import config as config_lib
-from fsp_jax import train
+from fsp_jax import experiment, methods
 import test_data  # tests/ is on sys.path (pytest rootdir-relative imports).
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'experiments', 'configs', '*.py')))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'experiments', 'configs', '*.py'))
+                 if not p.endswith('common.py'))
 NAMES = [os.path.basename(path)[:-3] for path in CONFIGS]
 
 
-def _load(name, arg=None):
+def _module(name):
   spec = importlib.util.spec_from_file_location(name, os.path.join(
       ROOT, 'experiments', 'configs', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   assert f'experiments/configs/{name}.py' in module.__doc__, 'the docstring gives the command'
-  return module.get_config(arg)
+  return module
+
+
+def _load(name, arg=None):
+  return _module(name).get_config(arg)
+
+
+VARIANTS = [(name, arg) for name in NAMES for arg in (None, *_module(name).VARIANTS)]
 
 
 def test_all_experiments_present():
@@ -33,8 +41,7 @@ def test_all_experiments_present():
                         'minimize_cifar100', 'transfer_cub', 'quickstart'}
 
 
-@pytest.mark.parametrize('name', NAMES)
-@pytest.mark.parametrize('arg', [None, 'cpu', 'tiny'])
+@pytest.mark.parametrize('name,arg', VARIANTS)
 def test_config_validates_and_pairs(name, arg, monkeypatch, tmp_path):
   monkeypatch.chdir(ROOT)  # cpu variants name ../shared/data relative to the checkout.
   config = _load(name, arg)
@@ -46,11 +53,11 @@ def test_config_validates_and_pairs(name, arg, monkeypatch, tmp_path):
     config.teacher.checkpoint = str(tmp_path)
   config_lib.validate(config)
   num_classes = {'cifar100': 100, 'caltech_birds2011': 200}.get(config.data.name, 10)
-  teacher = train.Student(train.build_model(config.teacher,
-                                            config.teacher.num_classes or num_classes,
-                                            config.dtype))
+  teacher = methods.Student(experiment.build_model(config.teacher,
+                                                   config.teacher.num_classes or num_classes,
+                                                   config.dtype))
   for method in config_lib.method_list(config):
-    train.build_student(method, config, num_classes, teacher)  # Raises if it cannot pair.
+    experiment.build_student(methods.get(method), config, num_classes, teacher)  # Or raises.
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -69,17 +76,19 @@ def test_tiny_variant_runs_through_main(name, tmp_path):
   assert [row['method'] for row in rows] == ['teacher'] + methods
   for row in rows:
     assert len(row['nets']) == 1 and 0.0 <= row['avg'] <= 1.0
-  assert '| fsp |' in process.stdout and (workdir / 'results.md').exists()
+  assert f"| {rows[-1]['method']} |" in process.stdout and (workdir / 'results.md').exists()
 
 
-def test_transfer_source_config_validates(monkeypatch):
-  monkeypatch.chdir(ROOT)
-  config = _load('transfer_cifar10', 'source')
-  if not os.path.isdir(config.data.root):
-    pytest.skip(f'{config.data.root} is absent here')
-  config_lib.validate(config)
-  assert config_lib.method_list(config) == ['teacher_scratch']
-  assert config.teacher.model == _load('transfer_cifar10').teacher.model
+def test_transfer_source_trains_the_targets_teacher():
+  source = _load('transfer_cifar10', 'source')
+  assert config_lib.method_list(source) == ['teacher_scratch']
+  assert source.teacher.model == _load('transfer_cifar10').teacher.model
+
+
+def test_unknown_variant_lists_the_known_ones():
+  with pytest.raises(ValueError, match=r"Unknown config variant 'gpu'; this config has 'cpu', "
+                                       r"'tiny'"):
+    _load('transfer_cub', 'gpu')
 
 
 def _cub_config(**data):
@@ -95,7 +104,7 @@ def test_transfer_cub_runs_on_tfds_mock_data(tmp_path):
   config = _cub_config(name='caltech_birds2011')
   config.methods = 'finetune,fsp'  # All five rows run on digits in the test above.
   with tfds.testing.mock_data(num_examples=16, data_dir=str(tmp_path / 'tfds')):
-    rows = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    rows = experiment.train_and_evaluate(config, str(tmp_path / 'run'))
   assert [row['method'] for row in rows] == ['teacher', 'finetune', 'fsp']
   assert all(0.0 <= row['avg'] <= 1.0 for row in rows)
 
@@ -104,6 +113,6 @@ def test_transfer_cub_runs_on_a_cub_folder(tmp_path):
   root = test_data.make_cub(str(tmp_path / 'CUB_200_2011'), num_images=32, num_classes=4)
   config = _cub_config(name='cub', root=root)
   config.methods = 'fsp'
-  rows = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  rows = experiment.train_and_evaluate(config, str(tmp_path / 'run'))
   assert [row['method'] for row in rows] == ['teacher', 'fsp']
   assert rows[1]['model'] == 'resnet20_imagenet' and rows[0]['model'] == 'resnet34'

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fsp_jax import convert, models, train
+from fsp_jax import checkpoints, convert, models
 
 
 class TorchBasicBlock(nn.Module):
@@ -95,11 +95,10 @@ def test_cli_saves_a_teacher_checkpoint_that_load_variables_restores(tmp_path):
   torch.save(net.state_dict(), path)
   output = os.fspath(tmp_path / 'resnet18_flax')
   convert.main(['--state_dict', path, '--model', 'resnet18', '--output', output])
-  teacher = train.Student(models.get('resnet18', 1000))
-  restored = train.load_variables(output, teacher, image_size=64)
+  restored = checkpoints.load_variables(output, models.get('resnet18', 1000), image_size=64)
   expected = convert.from_torchvision(_state_dict(net), models.get('resnet18', 1000))
-  chex.assert_trees_all_equal(restored['params']['backbone'], expected['params'])
-  chex.assert_trees_all_equal(restored['batch_stats']['backbone'], expected['batch_stats'])
+  chex.assert_trees_all_equal(restored['params'], expected['params'])
+  chex.assert_trees_all_equal(restored['batch_stats'], expected['batch_stats'])
   with pytest.raises(ValueError, match='exists'):  # Never overwrites.
     convert.main(['--state_dict', path, '--model', 'resnet18', '--output', output])
 

@@ -14,7 +14,7 @@ CIFAR10 = os.environ.get(
     'FSP_CIFAR10', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10'))
 
 
-def _write_image(path, seed, size=(12, 10)):
+def write_image(path, seed, size=(12, 10)):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   pixels = np.random.default_rng(seed).integers(0, 256, size + (3,), dtype=np.uint8)
   Image.fromarray(pixels).save(path)
@@ -26,7 +26,7 @@ def make_cub(root, num_images=8, num_classes=3):
   for i in range(1, num_images + 1):
     c = (i - 1) % num_classes + 1
     rel = f'{c:03d}.Bird_{c}/img_{i}.jpg'
-    _write_image(os.path.join(root, 'images', rel), i, size=(20 + i, 16))
+    write_image(os.path.join(root, 'images', rel), i, size=(20 + i, 16))
     lines['images.txt'].append(f'{i} {rel}')
     lines['image_class_labels.txt'].append(f'{i} {c}')
     lines['train_test_split.txt'].append(f'{i} {int(i % 2 == 1)}')
@@ -40,7 +40,7 @@ def make_cub(root, num_images=8, num_classes=3):
 def make_folder(root, per_class=3, classes=('cat', 'dog')):
   for c, name in enumerate(classes):
     for i in range(per_class):
-      _write_image(os.path.join(root, 'train', name, f'{i}.png'), 10 * c + i)
+      write_image(os.path.join(root, 'train', name, f'{i}.png'), 10 * c + i)
   return root
 
 

@@ -6,24 +6,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import report, train
+from fsp_jax import experiment, report, results
 
 
 def test_ensemble_accuracy_averages_probabilities():
   labels = np.array([0, 1, 1])
   a = np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])  # 2/3 right.
   b = np.array([[0.2, 0.8], [0.1, 0.9], [0.3, 0.7]])  # 2/3 right.
-  assert report.ensemble_accuracy([a, b], labels) == 1.0
+  assert results.ensemble_accuracy([a, b], labels) == 1.0
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  config = config_lib.tiny(config_lib.default())
+  config = common.tiny(config_lib.default())
   config.methods, config.num_nets = 'scratch,fsp', 2
   config.teacher.model = config.student.model = 'resnet8'
   workdir = str(tmp_path_factory.mktemp('run'))
-  train.train_and_evaluate(config, workdir)
+  experiment.train_and_evaluate(config, workdir)
   return workdir
 
 

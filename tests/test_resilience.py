@@ -15,8 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import train
+from fsp_jax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.py') + ':tiny'
@@ -78,9 +79,9 @@ def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
   assert (tmp_path / 'two' / 'results.md').exists()
 
 
-def _scratch_run(workdir, steps=24, checkpoint_every=4):
+def _scratch_run(workdir, steps=24, checkpoint_every=4, keep=2):
   return _main(workdir, '--config.methods=scratch', f'--config.scratch.until=({steps - 4},{steps})',
-               f'--config.checkpoint_every={checkpoint_every}', '--config.keep_checkpoints=2')
+               f'--config.checkpoint_every={checkpoint_every}', f'--config.keep_checkpoints={keep}')
 
 
 def _steps_printed(text):
@@ -127,6 +128,61 @@ def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def _saved(directory):
+  return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+
+
+def _read_until(process, pattern, limit_s=120):
+  """Reads the process's output until a line matches pattern; returns the text read."""
+  watchdog = threading.Timer(limit_s, process.kill)
+  watchdog.start()
+  text = ''
+  try:
+    for line in process.stdout:
+      text += line
+      if re.search(pattern, line):
+        break
+  finally:
+    watchdog.cancel()
+  return text
+
+
+def test_saves_go_on_after_a_fall_back_and_sigterm_reports_a_real_checkpoint(tmp_path):
+  """The newest of three checkpoints corrupted: a rerun falls back to the one before, moves
+  the corrupt one aside and saves again at once; SIGTERM before the corrupt step saves a
+  checkpoint that exists, and the next run resumes from it."""
+  command = _scratch_run(tmp_path, steps=400, checkpoint_every=4, keep=3)
+  directory = tmp_path / 'scratch' / 'net1' / 'train'
+  process = subprocess.Popen(command, env=_env(1), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  _read_until(process, r'\] 14/')
+  process.kill()
+  process.communicate()
+  saved = _saved(directory)
+  assert len(saved) == 3 and saved[-1] >= 12, saved
+  newest, previous = saved[-1], saved[-2]
+  with open(directory / str(newest) / 'state' / '_METADATA', 'wb') as f:
+    f.write(os.urandom(64))
+  process = subprocess.Popen(command, env=_env(1), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  output = _read_until(process, 'resumed from step')
+  process.send_signal(signal.SIGTERM)  # Before the first step after the fall-back.
+  output += process.communicate(timeout=120)[0]
+  assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+  assert (f'checkpoint {newest} is unreadable and was moved to {newest}.corrupt' in output
+          and f'resumed from step {previous}' in output), output[-2000:]
+  assert len(output.splitlines()) < 30, output  # Our lines, not Orbax's tracebacks.
+  step = int(re.search(r'SIGTERM: saved a checkpoint at step (\d+)', output).group(1))
+  assert previous < step < newest and step in _saved(directory)
+  assert os.path.isdir(directory / f'{newest}.corrupt')
+  process = subprocess.Popen(command, env=_env(1), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  output = _read_until(process, r'resumed from step|starting from step 0')
+  process.kill()
+  process.communicate()
+  assert f'resumed from step {step}' in output, output
+
+
 def test_sigterm_saves_a_fresh_checkpoint(tmp_path):
   process = subprocess.Popen(_scratch_run(tmp_path, steps=200, checkpoint_every=1000),
                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -142,14 +198,14 @@ def test_sigterm_saves_a_fresh_checkpoint(tmp_path):
 
 
 def test_nan_stops_naming_stage_step_and_term(tmp_path):
-  config = config_lib.tiny(config_lib.default())
+  config = common.tiny(config_lib.default())
   config.methods, config.num_nets = 'fsp', 1
   config.teacher.model, config.student.model = 'resnet8', 'resnet8'
   config.teacher.schedule = config_lib.schedule((0.1,), (2,))
   config.fsp.stage1 = config_lib.schedule((1e6,), (6,))
   config.checkpoint_every = 1
   with pytest.raises(FloatingPointError) as error:
-    train.train_and_evaluate(config, str(tmp_path))
+    experiment.train_and_evaluate(config, str(tmp_path))
   message = str(error.value)
   # The FSP loss or its gradient (grad_norm) overflows first.
   assert re.search(r'\[fsp net1 stage1\] step (\d+): non-finite .*(fsp|grad_norm) = (nan|inf)',
@@ -164,5 +220,5 @@ def test_nan_stops_naming_stage_step_and_term(tmp_path):
 
 
 def _params_of_checkpoint(path):
-  restored = ocp.CheckpointManager(os.path.dirname(path)).restore(int(os.path.basename(path)))
-  return jax.tree_util.tree_leaves(restored)
+  return jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(
+      os.path.abspath(path / 'state')))

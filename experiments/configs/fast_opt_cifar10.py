@@ -6,20 +6,20 @@ with shuffled teacher matrices (the dagger row).
 
   python experiments/main.py --config=experiments/configs/fast_opt_cifar10.py \
       --workdir=runs/fast_opt_cifar10
-  # On 2 CPU cores in about an hour (config.cifar10_cpu): 1/100 of the iterations, batch 64,
+  # On 2 CPU cores in about an hour (common.cifar10_cpu): 1/100 of the iterations, batch 64,
   # one teacher, lower stage-1 rates, on the JPEG CIFAR-10 in ../shared/data:
   python experiments/main.py --config=experiments/configs/fast_opt_cifar10.py:cpu \
       --workdir=runs/fast_opt_cifar10_cpu
 """
 
+from configs import common
 from fsp_jax import config as config_lib
 
 
 def get_config(arg=None):
   config = config_lib.default()  # The paper's CIFAR-10 recipe and schedules.
   config.methods = 'scratch,fitnet,fsp,fsp_shuffled'
-  if arg == 'cpu':
-    config_lib.cifar10_cpu(config)
-  elif arg == 'tiny':
-    config_lib.tiny(config)
-  return config
+  return common.variant(config, arg, VARIANTS)
+
+
+VARIANTS = {'cpu': common.cifar10_cpu, 'tiny': common.tiny}

@@ -7,6 +7,7 @@ lr 1e-3 / 1e-4 / 1e-5 until 16k / 24k / 32k.
       --workdir=runs/fast_opt_cifar100
 """
 
+from configs import common
 from fsp_jax import config as config_lib
 
 
@@ -18,9 +19,13 @@ def get_config(arg=None):
   config.teacher.model = config.student.model = 'resnet32'
   config.teacher.width = config.student.width = 4
   config.fsp.stage1 = config_lib.schedule((1e-3, 1e-4, 1e-5), (16_000, 24_000, 32_000))
-  if arg == 'cpu':
-    config.teacher.width = config.student.width = 1
-    config_lib.scale_steps(config, 0.01)
-  elif arg == 'tiny':
-    config_lib.tiny(config)
-  return config
+  return common.variant(config, arg, VARIANTS)
+
+
+def _cpu(config):
+  """Width 1 and 1/100 of the iterations."""
+  config.teacher.width = config.student.width = 1
+  common.scale_steps(config, 0.01)
+
+
+VARIANTS = {'cpu': _cpu, 'tiny': common.tiny}

@@ -9,6 +9,7 @@ Rows: teacher, student alone, FitNet and FSP. The student trains with the full R
       --workdir=runs/minimize_cifar10_cpu
 """
 
+from configs import common
 from fsp_jax import config as config_lib
 
 FULL = ((0.1, 0.01, 0.001), (32_000, 48_000, 64_000))
@@ -22,8 +23,7 @@ def get_config(arg=None):
   config.scratch = config_lib.schedule(*FULL)
   config.fsp.stage2 = config_lib.schedule(*FULL)
   config.fitnet.stage2 = config_lib.schedule(*FULL)
-  if arg == 'cpu':
-    config_lib.cifar10_cpu(config)
-  elif arg == 'tiny':
-    config_lib.tiny(config)
-  return config
+  return common.variant(config, arg, VARIANTS)
+
+
+VARIANTS = {'cpu': common.cifar10_cpu, 'tiny': common.tiny}

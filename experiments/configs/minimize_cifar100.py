@@ -5,6 +5,7 @@ augmentation (as the paper's other CIFAR-100 networks).
       --workdir=runs/minimize_cifar100
 """
 
+from configs import common
 from fsp_jax import config as config_lib
 
 FULL = ((0.1, 0.01, 0.001), (32_000, 48_000, 64_000))
@@ -22,9 +23,13 @@ def get_config(arg=None):
   config.scratch = config_lib.schedule(*FULL)
   config.fsp.stage2 = config_lib.schedule(*FULL)
   config.fitnet.stage2 = config_lib.schedule(*FULL)
-  if arg == 'cpu':
-    config.teacher.width = config.student.width = 1
-    config_lib.scale_steps(config, 0.01)
-  elif arg == 'tiny':
-    config_lib.tiny(config)
-  return config
+  return common.variant(config, arg, VARIANTS)
+
+
+def _cpu(config):
+  """Width 1 and 1/100 of the iterations."""
+  config.teacher.width = config.student.width = 1
+  common.scale_steps(config, 0.01)
+
+
+VARIANTS = {'cpu': _cpu, 'tiny': common.tiny}

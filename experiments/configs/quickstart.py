@@ -8,6 +8,7 @@ teacher's FSP matrices (fsp). The table shows each net, their average and their 
   python experiments/main.py --config=experiments/configs/quickstart.py --workdir=/tmp/quickstart
 """
 
+from configs import common
 from fsp_jax import config as config_lib
 
 
@@ -30,6 +31,7 @@ def get_config(arg=None):
   config.scratch = config_lib.schedule((0.1, 0.01), (30, 40))
   config.fsp.stage1 = config_lib.schedule((1e-3, 1e-4), (150, 200))
   config.fsp.stage2 = config_lib.schedule((0.1, 0.01), (30, 40))
-  if arg == 'tiny':
-    config_lib.tiny(config)
-  return config
+  return common.variant(config, arg, VARIANTS)
+
+
+VARIANTS = {'tiny': common.tiny}

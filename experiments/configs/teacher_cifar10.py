@@ -13,6 +13,7 @@ results/teacher_cifar10/.
       --workdir=runs/teacher_cifar10
 """
 
+from configs import common
 from fsp_jax import config as config_lib
 
 
@@ -20,7 +21,7 @@ def get_config(arg=None):
   config = config_lib.default()
   config.methods = ''  # The teacher only.
   config.data.name = 'folder'
-  config.data.root = '../shared/data/cifar10'
+  config.data.root = common.CIFAR10
   config.batch_size = 32
   config.eval_batch_size = 1000
   config.weight_decay = 5e-4
@@ -30,6 +31,7 @@ def get_config(arg=None):
   config.teacher.num_nets = 1
   config.teacher.schedule = config_lib.schedule((0.025,), (25_000,), warmup=500,
                                                 decay='cosine')
-  if arg == 'tiny':
-    config_lib.tiny(config)
-  return config
+  return common.variant(config, arg, VARIANTS)
+
+
+VARIANTS = {'tiny': common.tiny}

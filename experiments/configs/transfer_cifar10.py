@@ -15,6 +15,7 @@ teacher's network is also fine-tuned on the target, and trained on it from scrat
       --workdir=runs/transfer_cifar10
 """
 
+from configs import common
 from fsp_jax import config as config_lib
 
 ANIMALS = ('bird', 'cat', 'deer', 'dog', 'frog', 'horse')
@@ -30,7 +31,7 @@ def _steps(lrs, length):
 def get_config(arg=None):
   config = config_lib.default()
   config.data.name = 'folder'
-  config.data.root = '../shared/data/cifar10'
+  config.data.root = common.CIFAR10
   config.batch_size = 64
   config.eval_batch_size = 1000
   config.log_every = 10
@@ -38,12 +39,7 @@ def get_config(arg=None):
   config.teacher.model = 'resnet26'
   config.teacher.num_nets = 1
   if arg == 'source':
-    config.methods = 'teacher_scratch'
-    config.num_nets = 1
-    config.data.classes = ANIMALS
-    config.scratch = _steps((0.1, 0.01, 0.001), 1280)  # 2.7 epochs of the 30,000 images.
-    config.eval_every = 320
-    return config
+    return _source(config)
   config.methods = 'finetune,teacher_scratch,scratch,fitnet,fsp'
   config.data.classes = VEHICLES
   config.data.max_per_class = 100
@@ -54,12 +50,28 @@ def get_config(arg=None):
   length = 200  # 32 epochs of the 400 target images.
   config.scratch = config.fsp.stage2 = config.fitnet.stage2 = _steps((0.1, 0.01, 0.001), length)
   config.finetune = _steps((0.01, 0.001, 0.0001), length)
-  config.fsp.stage1 = _steps(config_lib.STABLE_STAGE1['fsp'], length)
-  config.fitnet.stage1 = config_lib.schedule(config_lib.STABLE_STAGE1['fitnet'],
+  config.fsp.stage1 = _steps(common.STABLE_STAGE1['fsp'], length)
+  config.fitnet.stage1 = config_lib.schedule(common.STABLE_STAGE1['fitnet'],
                                              (length * 25 // 21, length * 35 // 21))
   config.eval_every = 50
-  if arg == 'tiny':
-    config_lib.tiny(config)
-    config.teacher.checkpoint = ''
-    config.teacher.num_classes = 0
+  return common.variant(config, arg, VARIANTS)
+
+
+def _source(config):
+  """The teacher on the source task."""
+  config.methods = 'teacher_scratch'
+  config.num_nets = 1
+  config.data.classes = ANIMALS
+  config.scratch = _steps((0.1, 0.01, 0.001), 1280)  # 2.7 epochs of the 30,000 images.
+  config.eval_every = 320
   return config
+
+
+def _tiny(config):
+  """Every row on digits, with a teacher trained here."""
+  common.tiny(config)
+  config.teacher.checkpoint = ''
+  config.teacher.num_classes = 0
+
+
+VARIANTS = {'source': _source, 'tiny': _tiny}  # 'source' returns before the target's settings.

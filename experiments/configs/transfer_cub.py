@@ -20,6 +20,7 @@ The paper gives no CUB schedule; this one reuses its CIFAR stage lengths at batc
 fine-tunes at a tenth of the learning rate. The resolution is config.data.image_size.
 """
 
+from configs import common
 from fsp_jax import config as config_lib
 
 
@@ -37,10 +38,19 @@ def get_config(arg=None):
   config.teacher.num_classes = 1000  # ImageNet's; give config.teacher.checkpoint.
   config.student.model = 'resnet20_imagenet'
   config.fitnet.kd_weight = (0.0, 0.0)  # An ImageNet teacher has no CUB logits to distill.
-  if arg == 'cpu':
-    config.data.image_size = 64
-    config_lib.scale_steps(config, 0.01)
-  elif arg == 'tiny':  # A teacher trained here, in place of the ImageNet one.
-    config_lib.tiny(config, image_size=32)
-    config.teacher.num_classes = 0
-  return config
+  return common.variant(config, arg, VARIANTS)
+
+
+def _cpu(config):
+  """64x64 images, 1/100 of the iterations."""
+  config.data.image_size = 64
+  common.scale_steps(config, 0.01)
+
+
+def _tiny(config):
+  """A teacher trained here, in place of the ImageNet one."""
+  common.tiny(config, image_size=32)
+  config.teacher.num_classes = 0
+
+
+VARIANTS = {'cpu': _cpu, 'tiny': _tiny}

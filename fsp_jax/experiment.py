@@ -1,0 +1,137 @@
+"""An experiment: a teacher (trained here or loaded), then every method's nets, then a table.
+
+Everything is checked (config, data, the pairing of every student with the teacher) before
+anything is compiled. Finished runs and phases in the workdir are reused, so an interrupted
+experiment resumes where it stopped.
+"""
+
+import os
+import time
+
+from flax import jax_utils
+import jax
+import ml_collections
+import numpy as np
+
+from fsp_jax import checkpoints
+from fsp_jax import config as config_lib
+from fsp_jax import data, logs, methods, models, results, steps, trainer, workdir as workdir_lib
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: int, dtype: str):
+  return models.get(model_config.model, num_classes, model_config.width, axis_name='batch',
+                    dtype=np.dtype(dtype))
+
+
+def build_student(method: methods.Method, config: ml_collections.ConfigDict, num_classes: int,
+                  teacher: methods.Student) -> methods.Student:
+  """The network a method trains, with what it adds to the student (FitNet's regressor,
+  channel adapters). Raises ValueError, before anything is compiled, when it cannot be paired
+  with the teacher."""
+  if method.network == 'teacher':
+    return methods.Student(build_model(config.teacher, num_classes, config.dtype))
+  backbone = build_model(config.student, num_classes, config.dtype)
+  if not method.uses_teacher(config):
+    return methods.Student(backbone)
+  size = config.data.image_size
+  mine = methods.features_of(methods.Student(backbone), size)
+  theirs = methods.features_of(teacher, size)
+  try:
+    return method.student(config, backbone, mine, theirs)
+  except ValueError as e:
+    if str(e).startswith('config.'):
+      raise
+    raise ValueError(f'config.student.model={config.student.model!r} (width '
+                     f'{config.student.width}) cannot be paired with config.teacher.model='
+                     f'{config.teacher.model!r} (width {config.teacher.width}) for method '
+                     f'{method.name!r}: {e}') from e
+
+
+def load_teacher(path: str, teacher: methods.Student, image_size: int) -> dict:
+  """The teacher's {'params', 'batch_stats'} from a checkpoint of its network, replicated."""
+  variables = checkpoints.load_variables(path, teacher.backbone, image_size)
+  return jax_utils.replicate({kind: {'backbone': v} for kind, v in variables.items()})
+
+
+def teacher_fsp_cache(teacher, variables, source, preprocess, batch_size: int) -> tuple:
+  """The teacher's FSP matrices of every example of source, seen as in evaluation (no
+  augmentation): a [N, M, N'] float32 array per stage, on every host.
+
+  variables are replicated over the local devices.
+  """
+  step, chunks = steps.make_fsp_step(teacher), []
+  for batch in data.eval_batches(source, preprocess, batch_size):
+    matrices = step(variables, data.shard(batch['image'], jax.local_device_count()))
+    chunks.append([np.asarray(g).reshape((-1,) + g.shape[2:]) for g in matrices])
+  return tuple(trainer.gather_in_order([c[k] for c in chunks])[:len(source)]
+               for k in range(len(chunks[0])))
+
+
+def _row(workdir: str, finished: list[dict]) -> list[dict]:
+  """[The table row of finished nets] on process 0, which wrote their files; [] elsewhere."""
+  return [results.row_of(workdir, finished)] if jax.process_index() == 0 else []
+
+
+def _teacher(ctx: trainer.Context, teacher: methods.Student) -> tuple[dict, list[dict]]:
+  """The teacher's variables (replicated) and its table row (none for other classes)."""
+  config = ctx.config
+  if config.teacher.checkpoint:
+    variables = load_teacher(config.teacher.checkpoint, teacher, config.data.image_size)
+    if config.teacher.num_classes:  # A teacher of other classes has no accuracy here.
+      return variables, []
+    metrics, _, _ = trainer.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
+                                     config.eval_batch_size)
+    return variables, [{'method': 'teacher', 'model': config.teacher.model,
+                        'nets': [metrics['accuracy']], 'avg': metrics['accuracy'],
+                        'ensemble': None, 'iterations': 0, 'wall_s': 0.0}]
+  runs = [trainer.Run(methods.TEACHER, k, config.teacher.model, teacher)
+          for k in range(config.teacher.num_nets)]
+  rows = _row(ctx.workdir, [trainer.train_net(ctx, run) for run in runs])
+  path = os.path.join(ctx.workdir, 'teacher', 'net1', 'model')
+  return load_teacher(path, teacher, config.data.image_size), rows
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> list[dict]:
+  """Runs an experiment; returns the table's rows (process 0 also writes results.md and
+  results.json into workdir; other processes return []). Several hosts must share the
+  workdir's file system."""
+  config_lib.validate(config)
+  chosen = [methods.get(name) for name in config_lib.method_list(config)]
+  train_source = data.get_source(config.data, config.data.train_split)
+  eval_source = data.get_source(config.data, config.data.eval_split)
+  config_lib.validate_data(config, train_source, eval_source)
+  num_classes = train_source.num_classes
+  teacher = methods.Student(build_model(config.teacher, config.teacher.num_classes or
+                                        num_classes, config.dtype))
+  students = {m.name: build_student(m, config, num_classes, teacher) for m in chosen}
+  workdir_lib.create(workdir)
+  with workdir_lib.lock(workdir):
+    workdir_lib.bind_config(workdir, config, allow_config_change)
+    trainer.install_preemption_handler()
+    ctx = trainer.Context(config, workdir, train_source, eval_source,
+                          data.get_preprocess(config.data))
+    rows, teacher_variables = [], None
+    if not chosen or any(m.uses_teacher(config) for m in chosen):
+      teacher_variables, rows = _teacher(ctx, teacher)
+    if any(phase.cached_fsp for m in chosen for phase in m.phases(config)):
+      start = time.time()
+      cache = teacher_fsp_cache(teacher, teacher_variables, train_source, ctx.preprocess,
+                                config.eval_batch_size)
+      logs.say(f'Cached the teacher\'s FSP matrices of {len(train_source)} training images in '
+               f'{logs.duration(time.time() - start)} ({sum(g.nbytes for g in cache) / 2**20:.0f}'
+               ' MiB).')
+      ctx = trainer.Context(config, workdir, train_source, eval_source, ctx.preprocess, cache)
+    for method in chosen:
+      uses_teacher = method.uses_teacher(config)
+      runs = [trainer.Run(method, k, (config.teacher if method.network == 'teacher'
+                                      else config.student).model, students[method.name],
+                          teacher if uses_teacher else None,
+                          teacher_variables if uses_teacher else None)
+              for k in range(config.num_nets)]
+      rows += _row(workdir, [trainer.train_net(ctx, run) for run in runs])
+    if jax.process_index() != 0:
+      return []
+    table = results.write(workdir, rows)
+    logs.say(f'\nResults ({workdir}/results.md):\n\n{table}\n')
+    return rows

@@ -1,0 +1,328 @@
+"""The rows of a table: one record per method, holding everything that differs between them.
+
+A method trains one network (the student's, or the teacher's own) through phases; a phase is
+a learning-rate schedule and weighted loss terms. Its record gives the phases, the config
+section it owns (defaults and checks), what it adds to the student (FitNet's regressor, channel
+adapters), whether it starts from the teacher's weights, and its label and colour in reports.
+Adding a method is one record here, and its loss in `losses.py`.
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from fsp_jax import adapters, fsp, losses
+from fsp_jax.schedules import Schedule, schedule
+
+
+class Outputs(NamedTuple):
+  """What loss terms read: the student's and teacher's outputs on a batch."""
+  logits: Any           # [B, classes]
+  features: dict        # {'stageK_in': [B, H, W, C], ..., 'hint': regressed hint}
+  labels: Any           # [B]
+  teacher_logits: Any = None
+  teacher_features: dict | None = None
+  teacher_fsp: Any = None  # The teacher's FSP matrices, when cached (config.fsp.cache).
+
+
+def shuffle_fsp(matrices, seed: int) -> list:
+  """The paper's dagger ablation: the rows and columns of each [B, M, N] matrix permuted by a
+  fixed random permutation."""
+  rng = np.random.default_rng(seed)
+  return [g[:, rng.permutation(g.shape[1])][:, :, rng.permutation(g.shape[2])]
+          for g in matrices]
+
+
+def _fsp_term(out: Outputs, normalize='none', weights=None, shuffle_seed=None,
+              cached=False):
+  target = out.teacher_fsp if cached else fsp.fsp_matrices(out.teacher_features)
+  if shuffle_seed is not None:
+    target = shuffle_fsp(target, shuffle_seed)
+  return losses.fsp_l2(fsp.fsp_matrices(out.features), target, weights, normalize)
+
+
+# Loss terms by name: out -> scalar, with the term's options as keywords.
+TERMS: dict[str, Callable[..., Any]] = {
+    'ce': lambda out: losses.cross_entropy(out.logits, out.labels),
+    'fsp': _fsp_term,
+    'kd': lambda out, temperature: losses.kd_loss(out.logits, out.teacher_logits, temperature),
+    'hint': lambda out, layer: losses.hint_loss(out.features['hint'],
+                                                out.teacher_features[layer]),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """A loss term: its name in TERMS, its weight at the first and the last step of the phase
+  (linear in between), and its options (hashable (key, value) pairs)."""
+  name: str
+  weight: tuple[float, float] = (1.0, 1.0)
+  options: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def needs_teacher_pass(self) -> bool:
+    return self.name != 'ce' and not dict(self.options).get('cached', False)
+
+  def __call__(self, out: Outputs):
+    return TERMS[self.name](out, **dict(self.options))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A stage of training: `name` ('train', 'stage1', 'stage2': its checkpoint folder), a
+  learning-rate schedule and loss terms."""
+  name: str
+  schedule: Schedule
+  terms: tuple[Term, ...]
+
+  @property
+  def steps(self) -> int:
+    return self.schedule.length
+
+  @property
+  def needs_teacher_pass(self) -> bool:
+    return any(term.needs_teacher_pass for term in self.terms)
+
+  @property
+  def cached_fsp(self) -> bool:
+    """Whether batches bring the teacher's FSP matrices (config.fsp.cache)."""
+    return any(dict(term.options).get('cached', False) for term in self.terms)
+
+
+class Student(nn.Module):
+  """A network and what distillation adds on its side: x -> (logits, features).
+
+  Attributes:
+    backbone: a `fsp_jax.models` network.
+    adapter: ((feature name, teacher width), ...): 1x1 conv + BN channel adapters applied to
+      the FSP features (for pairs whose widths differ).
+    hint: (feature name, teacher width): FitNet's regressor, its output in features['hint'].
+  """
+  backbone: nn.Module
+  adapter: tuple[tuple[str, int], ...] = ()
+  hint: tuple[str, int] | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    logits, features = self.backbone(x, train=train)
+    if self.hint:
+      name, width = self.hint
+      regressor = adapters.ChannelAdapter({name: width}, kernel_size=3, norm=False,
+                                          name='hint_regressor')
+      features = {**features, 'hint': regressor(features, train)[name]}
+    if self.adapter:
+      features = adapters.ChannelAdapter(dict(self.adapter), axis_name=self.backbone.axis_name,
+                                         name='adapter')(features, train)
+    return logits, features
+
+
+def _plain(config, backbone, mine, theirs) -> Student:
+  del config, mine, theirs
+  return Student(backbone)
+
+
+def _fsp_student(config, backbone, mine, theirs) -> Student:
+  """Channel adapters where widths differ (config.student.adapter); checks the pairing."""
+  adapter = ()
+  if config.student.adapter:
+    adapter = tuple(sorted(adapters.mismatched_widths(mine, theirs).items()))
+  student = Student(backbone, adapter=adapter)
+  if adapter:
+    mine = features_of(student, next(iter(theirs.values())).shape[1])
+  matrices = [jax.eval_shape(fsp.fsp_matrices, f) for f in (mine, theirs)]
+  weights = config.fsp.weights
+  if weights is not None and len(weights) != len(matrices[1]):
+    raise ValueError(f'config.fsp.weights: expected {len(matrices[1])} weights, one per FSP '
+                     f'matrix of these networks, got {weights}.')
+  jax.eval_shape(losses.fsp_l2, *matrices)
+  return student
+
+
+def _fitnet_student(config, backbone, mine, theirs) -> Student:
+  hint = config.fitnet.hint
+  if hint not in mine or hint not in theirs:
+    raise ValueError(f'config.fitnet.hint: {hint!r} is not a feature of both networks; '
+                     f'expected one of {sorted(set(mine) & set(theirs))}.')
+  return Student(backbone, hint=(hint, theirs[hint].shape[-1]))
+
+
+def features_of(model: nn.Module, image_size: int) -> dict:
+  """Shapes of a model's features on [2, S, S, 3]: traced, never compiled."""
+  x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), np.float32)
+  return jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0][1], x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Everything that makes a row of a table.
+
+  Attributes:
+    name: its key in config.methods.
+    label, color: its row in tables and its colour in plots.
+    phases: config -> (Phase, ...).
+    network: 'student' or 'teacher': the config section naming the network it trains.
+    starts_from_teacher: its network starts from the teacher's weights (with a new head).
+    student: (config, backbone, its features, the teacher's features) -> the Student it
+      trains; raises ValueError when the pair cannot be distilled.
+    section, defaults, check: the config section it owns, that section's defaults, and a
+      check of it (config -> None, raising ValueError naming the key).
+  """
+  name: str
+  label: str
+  color: str
+  phases: Callable[[ml_collections.ConfigDict], tuple[Phase, ...]]
+  network: str = 'student'
+  starts_from_teacher: bool = False
+  student: Callable[..., Student] = _plain
+  section: str | None = None
+  defaults: Callable[[], Any] | None = None
+  check: Callable[[ml_collections.ConfigDict], None] | None = None
+
+  def uses_teacher(self, config) -> bool:
+    """Whether its steps run the teacher, or it starts from the teacher's weights."""
+    return self.starts_from_teacher or any(
+        term.name != 'ce' for phase in self.phases(config) for term in phase.terms)
+
+
+def _train(sched, *terms) -> tuple[Phase, ...]:
+  return (Phase('train', Schedule.of(sched), (Term('ce'),) + terms),)
+
+
+def _fsp_phases(config, shuffled: bool = False) -> tuple[Phase, ...]:
+  c = config.fsp
+  options = (('normalize', c.normalize), ('weights', c.weights),
+             ('shuffle_seed', c.shuffle_seed if shuffled else None))
+  task = (Term('fsp', (c.task_weight,) * 2, options),) if c.task_weight else ()
+  return (Phase('stage1', Schedule.of(c.stage1), (Term('fsp', options=options + (
+      ('cached', c.cache),)),)),
+          Phase('stage2', Schedule.of(c.stage2), (Term('ce'),) + task))
+
+
+def _fitnet_phases(config) -> tuple[Phase, ...]:
+  c = config.fitnet
+  # FitNet weighs a KL without the tau^2 of Hinton's kd_loss: divide it back out.
+  start, end = (w / c.temperature**2 for w in c.kd_weight)
+  kd = (Term('kd', (start, end), (('temperature', c.temperature),)),) if start or end else ()
+  return (Phase('stage1', Schedule.of(c.stage1), (Term('hint', options=(('layer', c.hint),)),)),
+          Phase('stage2', Schedule.of(c.stage2), (Term('ce'),) + kd))
+
+
+def _fail(key: str, message: str):
+  raise ValueError(f'config.{key}: {message}')
+
+
+def _number(config, key: str, low: float, strict: bool) -> None:
+  section, name = key.split('.')
+  value = config[section][name]
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value > low if strict else value >= low)
+  if not ok:
+    _fail(key, f'expected a number {">" if strict else ">="} {low}, got {value!r}.')
+
+
+def _check_fsp(config) -> None:
+  c = config.fsp
+  if c.normalize not in losses.FSP_NORMALIZATIONS:
+    _fail('fsp.normalize', f'unknown {c.normalize!r}; expected one of '
+          f'{", ".join(losses.FSP_NORMALIZATIONS)}.')
+  if c.weights is not None and (not isinstance(c.weights, tuple) or any(
+      not isinstance(w, (int, float)) or w < 0 for w in c.weights)):
+    _fail('fsp.weights', f'expected a tuple of weights >= 0, one per FSP matrix, or None '
+          f'(all equal), got {c.weights!r}.')
+  if not isinstance(c.shuffle_seed, int) or c.shuffle_seed < 0:
+    _fail('fsp.shuffle_seed', f'expected an integer >= 0, got {c.shuffle_seed!r}.')
+  _number(config, 'fsp.task_weight', 0, strict=False)
+  if not isinstance(c.cache, bool):
+    _fail('fsp.cache', f'expected True or False, got {c.cache!r}.')
+
+
+def _check_fitnet(config) -> None:
+  _number(config, 'fitnet.temperature', 0, strict=True)
+  weights = config.fitnet.kd_weight
+  if len(weights) != 2 or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
+    _fail('fitnet.kd_weight', f'expected (start, end) weights >= 0, got {weights!r}.')
+
+
+def _check_kd(config) -> None:
+  _number(config, 'kd.temperature', 0, strict=True)
+  _number(config, 'kd.weight', 0, strict=False)
+
+
+def _fsp_defaults():
+  return ml_collections.ConfigDict({
+      'stage1': schedule((1e-3, 1e-4, 1e-5), (11_000, 16_000, 21_000)),
+      'stage2': schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000)),
+      # lambda_i, one per FSP matrix; None: all equal (the paper).
+      'weights': ml_collections.FieldReference(None, field_type=tuple),
+      'normalize': 'none',     # losses.fsp_l2's normalisation; 'none': the literal sum.
+      'shuffle_seed': 0,       # Permutation of the teacher's rows and columns (fsp_shuffled).
+      'task_weight': 0.0,      # Optional FSP term added to the stage-2 loss.
+      # Stage 1 reads the teacher's FSP matrices, computed once per training image as the
+      # paper stored them, instead of running the teacher each step; its images are then not
+      # augmented.
+      'cache': False})
+
+
+def _fitnet_defaults():
+  return ml_collections.ConfigDict({
+      'hint': 'stage2_out',  # Teacher hint and student guided layer (the middle).
+      'stage1': schedule((1e-4, 1e-5), (25_000, 35_000)),
+      'stage2': schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000)),
+      'temperature': 3.0,
+      # FitNet's lambda, decreased linearly over stage 2; (0, 0) for cross-entropy alone (a
+      # teacher of other classes).
+      'kd_weight': (4.0, 1.0)})
+
+
+def _kd_defaults():
+  return ml_collections.ConfigDict({
+      'schedule': schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000)),
+      'temperature': 4.0,
+      'weight': 1.0})  # Cross-entropy + weight * Hinton's tau^2-scaled KL.
+
+
+def _task_schedule():
+  return schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
+
+
+TEACHER = Method('teacher', 'Teacher', 'black', network='teacher',
+                 phases=lambda c: _train(c.teacher.schedule))
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    # The student trained alone: the paper's Teacher* / Student rows.
+    Method('scratch', 'Student alone', 'tab:gray', lambda c: _train(c.scratch),
+           section='scratch', defaults=_task_schedule),
+    # Stage 1 on the teacher's FSP matrices, then the task.
+    Method('fsp', 'FSP', 'tab:blue', _fsp_phases, student=_fsp_student, section='fsp',
+           defaults=_fsp_defaults, check=_check_fsp),
+    # The paper's dagger ablation: the teacher's matrices with permuted rows and columns.
+    Method('fsp_shuffled', 'FSP, shuffled (dagger)', 'tab:purple',
+           lambda c: _fsp_phases(c, shuffled=True), student=_fsp_student),
+    # FitNet: a hint stage (a regressor maps the guided layer to the hint), then KD.
+    Method('fitnet', 'FitNet', 'tab:orange', _fitnet_phases, student=_fitnet_student,
+           section='fitnet', defaults=_fitnet_defaults, check=_check_fitnet),
+    # Hinton's knowledge distillation.
+    Method('kd', 'KD', 'tab:green', lambda c: _train(c.kd.schedule, Term(
+        'kd', (c.kd.weight,) * 2, (('temperature', c.kd.temperature),))),
+           section='kd', defaults=_kd_defaults, check=_check_kd),
+    # Table 5's teacher rows: its network fine-tuned from its weights with a new classifier,
+    # and trained on the task alone with the student's schedule (config.scratch).
+    Method('finetune', 'Teacher net, fine-tuned', 'tab:red', lambda c: _train(c.finetune),
+           network='teacher', starts_from_teacher=True, section='finetune',
+           defaults=lambda: schedule((0.01, 0.001, 0.0001), (11_000, 16_000, 21_000))),
+    Method('teacher_scratch', 'Teacher net, from scratch', 'tab:brown',
+           lambda c: _train(c.scratch), network='teacher'),
+)}
+
+
+def get(name: str) -> Method:
+  if name == TEACHER.name:
+    return TEACHER
+  if name not in METHODS:
+    raise ValueError(f'Unknown method {name!r}; expected one of {", ".join(METHODS)}.')
+  return METHODS[name]

@@ -1,0 +1,140 @@
+"""The train state and the pure, pmapped steps: train, evaluate, FSP matrices.
+
+As in flax examples/imagenet: steps are pmapped over the local devices with axis_name='batch',
+gradients and BatchNorm statistics averaged with lax.pmean. The learning rate comes from an
+optax schedule inside the optimizer state; loss-term weights are functions of the state's step.
+Teachers are never in the train state: they run in inference mode and are never
+differentiated (big_vision's pattern).
+"""
+
+import functools
+from typing import Any
+
+import flax
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from fsp_jax import fsp, schedules
+from fsp_jax.methods import Outputs, Phase, Student
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """What a checkpoint holds: the network's variables, optimizer state and step."""
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+@functools.cache
+def optimizer(sched: schedules.Schedule, weight_decay: float,
+              momentum: float) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay added to the gradient (coupled), as in the ResNet
+  recipe the paper follows; the learning rate (in the state's hyperparams) follows sched."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.inject_hyperparams(optax.sgd)(learning_rate=schedules.to_optax(sched),
+                                          momentum=momentum))
+
+
+def learning_rate(opt_state) -> jnp.ndarray:
+  """The rate of the optimizer's latest update (of the first one, before any)."""
+  return opt_state[1].hyperparams['learning_rate']
+
+
+def init_variables(model: Student, rng: jax.Array, image_size: int) -> dict:
+  """{'params', 'batch_stats'} of model on a [1, S, S, 3] input, outside pmap (no BN axis)."""
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  init_model = model.clone(backbone=model.backbone.clone(axis_name=None))
+  return init_model.init(rng, x, train=False)
+
+
+def create_train_state(model: Student, rng: jax.Array, image_size: int,
+                       tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state: the model's initial variables, step 0 and the optimizer's state."""
+  variables = jax.jit(init_variables, static_argnums=(0, 2))(model, rng, image_size)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                    batch_stats=variables['batch_stats'],
+                    opt_state=tx.init(variables['params']))
+
+
+def term_weights(phase: Phase, step: jnp.ndarray) -> dict:
+  """{term: weight} at a step: each weight goes linearly from its start to its end."""
+  progress = step / max(1, phase.steps - 1)
+  return {t.name: t.weight[0] + (t.weight[1] - t.weight[0]) * progress for t in phase.terms}
+
+
+@functools.cache
+def make_train_step(student: Student, teacher: Student | None, phase: Phase,
+                    tx: optax.GradientTransformation):
+  """A pmapped step (state, batch, teacher_variables) -> (state, metrics).
+
+  batch: {'image': [devices, b, H, W, 3], 'label': [devices, b]}, and for a cached FSP term
+  'teacher_fsp': the teacher's matrices ([devices, b, M, N] per stage) in place of a teacher
+  pass. metrics: {'loss', each term, 'grad_norm', 'lr'}, scalars averaged over devices. The
+  state is donated.
+  """
+  run_teacher = teacher is not None and phase.needs_teacher_pass
+
+  def step(state, batch, teacher_variables):
+    teacher_logits = teacher_features = None
+    if run_teacher:
+      teacher_logits, teacher_features = teacher.apply(teacher_variables, batch['image'],
+                                                       train=False)
+    weights = term_weights(phase, state.step)
+
+    def objective(params):
+      (logits, features), updates = student.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+          mutable=['batch_stats'])
+      out = Outputs(logits, features, batch['label'], teacher_logits, teacher_features,
+                    batch.get('teacher_fsp'))
+      values = {term.name: term(out) for term in phase.terms}
+      loss = sum(weights[name] * value for name, value in values.items())
+      return loss, (updates['batch_stats'], {'loss': loss, **values})
+
+    grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
+    grads = lax.pmean(grads, 'batch')
+    batch_stats = lax.pmean(batch_stats, 'batch')
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics['lr'] = learning_rate(opt_state)  # The rate of this update.
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
+                                                                              updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    return new_state, lax.pmean(metrics, 'batch')
+
+  return jax.pmap(step, axis_name='batch', donate_argnums=(0,))
+
+
+@functools.cache
+def make_eval_step(model: Student):
+  """A pmapped step (variables, batch with 'mask') -> (summed metrics, probabilities)."""
+
+  def step(variables, batch):
+    logits, _ = model.apply(variables, batch['image'], train=False)
+    mask = batch['mask']
+    metrics = {
+        'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+        'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch['label']) * mask),
+        'count': jnp.sum(mask)}
+    return lax.psum(metrics, 'batch'), jax.nn.softmax(logits)
+
+  return jax.pmap(step, axis_name='batch')
+
+
+@functools.cache
+def make_fsp_step(model: Student):
+  """A pmapped (variables, images [devices, b, S, S, 3]) -> FSP matrices [devices, b, M, N]."""
+
+  def step(variables, images):
+    _, features = model.apply(variables, images, train=False)
+    return fsp.fsp_matrices(features)
+
+  return jax.pmap(step, axis_name='batch')

@@ -1,0 +1,139 @@
+"""A workdir belongs to one config, and to one run at a time.
+
+The first run writes config.json; a rerun with settings that change results (anything but
+NEUTRAL_KEYS) fails at once naming them, unless told to continue. A lock file names the
+process writing the workdir; a second writer fails at once, and a lock left by a killed
+process is taken over.
+"""
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+# Settings that change how a run reports and saves, not its results.
+NEUTRAL_KEYS = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+                'eval_batch_size')
+LOCK = 'lock.json'
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+  """{dotted key: (old value, new value)} for every result-changing setting that differs."""
+  old, new = _flat(old), _flat(new)
+  return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+          if key not in NEUTRAL_KEYS and old.get(key) != new.get(key)}
+
+
+def _all_agree(ok: bool) -> bool:
+  """Process 0's answer, on every process."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
+
+
+def create(workdir: str) -> None:
+  """Makes the workdir, with a clear error when it is a file or cannot be written."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir {workdir} is a file; expected a folder (new or of this run).')
+  probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir} cannot be written: {e.strerror} (a read-only file '
+                     'system or missing permissions?).') from None
+
+
+def bind_config(workdir: str, config: ml_collections.ConfigDict,
+                allow_change: bool = False) -> None:
+  """Writes config.json, or checks the config against the one already there."""
+  path = os.path.join(workdir, 'config.json')
+  new = json.loads(config.to_json_best_effort())
+  changes = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      changes = config_changes(json.load(f), new)
+  if changes and not allow_change:
+    listed = '; '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in
+                       ((k, *v) for k, v in changes.items()))
+    raise ValueError(
+        f'--workdir {workdir} holds a run with other settings ({listed}); its checkpoints and '
+        'results belong to those. Use a new --workdir, or continue this one with the new '
+        'settings by passing --allow_config_change (nets already finished are kept).')
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('config read')
+  if jax.process_index() == 0:
+    if changes:  # Kept beside the new one: it describes the results made before.
+      os.replace(path, f'{path}.{datetime.datetime.now():%Y%m%d-%H%M%S}')
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+    os.replace(path + '.tmp', path)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _take(path: str) -> str | None:
+  """Creates the lock, or returns why not (the holder)."""
+  me = {'pid': os.getpid(), 'host': socket.gethostname(),
+        'since': datetime.datetime.now().isoformat(timespec='seconds')}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          holder = json.load(f)
+      except (OSError, ValueError):
+        holder = {}
+      if holder.get('host') == me['host'] and not _alive(int(holder.get('pid', -1))):
+        print(f'Taking over {path}: its process {holder.get("pid")} has ended.', flush=True)
+        os.remove(path)
+        continue
+      return (f'process {holder.get("pid", "?")} on {holder.get("host", "?")} (since '
+              f'{holder.get("since", "?")})')
+    with os.fdopen(fd, 'w') as f:
+      json.dump(me, f)
+    return None
+  return 'another process that took the lock at the same time'
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds workdir/lock.json while the run writes (process 0 takes it for every host)."""
+  path = os.path.join(workdir, LOCK)
+  holder = _take(path) if jax.process_index() == 0 else None
+  if not _all_agree(holder is None):
+    raise RuntimeError(f'--workdir {workdir} is in use by {holder or "another run"}: wait for '
+                       f'it to end or use another --workdir. (If that process is gone, delete '
+                       f'{path}.)')
+  try:
+    yield
+  finally:
+    if jax.process_index() == 0 and os.path.exists(path):
+      os.remove(path)

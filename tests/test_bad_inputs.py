@@ -1,0 +1,180 @@
+"""Every bad input fails at once, before anything is compiled, with a message naming it.
+
+Each case changes the quickstart's tiny variant (or its workdir or data) and expects an error
+matching its pattern; a listener on JAX's compilation events proves nothing was compiled.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import common
+from fsp_jax import config as config_lib
+from fsp_jax import experiment
+import test_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILATIONS = []
+jax.monitoring.register_event_duration_secs_listener(  # XLA compilations, or cache loads.
+    lambda event, duration, **kwargs: COMPILATIONS.append(event)
+    if 'backend_compile' in event or 'compilation_cache' in event else None)
+
+FOLDER = '<folder>'  # Replaced by a generated ImageFolder tree with train and test splits.
+CASES = {  # name: ({key: value}, pattern of the error)
+    'unknown method': ({'methods': 'fsp,hint'}, r"config.methods: unknown \['hint'\]"),
+    'no nets': ({'num_nets': 0}, r'config.num_nets: expected an integer >= 1, got 0'),
+    'negative seed': ({'seed': -1}, r'config.seed: expected an integer >= 0, got -1'),
+    'batch not divisible': ({'batch_size': 12}, r'config.batch_size: 12 is not divisible by '
+                            'the 8 devices'),
+    'batch over the split': ({'batch_size': 4096}, r'config.batch_size: 4096 exceeds the 1437'),
+    'eval batch 0': ({'eval_batch_size': 0}, r'config.eval_batch_size: expected an integer'),
+    'log_every 0': ({'log_every': 0}, r'config.log_every: expected an integer >= 1'),
+    'eval_every negative': ({'eval_every': -1}, r'config.eval_every: expected an integer >= 0'),
+    'checkpoint_every 0': ({'checkpoint_every': 0}, r'config.checkpoint_every: expected'),
+    'keep no checkpoints': ({'keep_checkpoints': 0}, r'config.keep_checkpoints: expected'),
+    'unknown dtype': ({'dtype': 'float16'}, r"config.dtype: unknown 'float16'.*bfloat16"),
+    'weight decay 1.5': ({'weight_decay': 1.5}, r'config.weight_decay: expected a number in'),
+    'negative momentum': ({'momentum': -0.1}, r'config.momentum: expected a number in'),
+    'unknown student': ({'student.model': 'resnet9'}, r"config.student.model: Unknown model "
+                        r"'resnet9'.*resnet26"),
+    'unknown teacher': ({'teacher.model': 'vgg16'}, r"config.teacher.model: Unknown model"),
+    'width 0': ({'teacher.width': 0}, r'config.teacher.width: expected an integer >= 1'),
+    'unknown data set': ({'data.name': 'imagenet'}, r"config.data.name: unknown data set "
+                         r"'imagenet'.*digits"),
+    'unknown augment': ({'data.augment': 'mixup'}, r"config.data.augment: unknown 'mixup'"),
+    'normalize typo': ({'data.normalize': 'cifra'}, r"config.data.normalize: unknown 'cifra'.*"
+                       'imagenet'),
+    'classes outside folder': ({'data.classes': ('0', '1')}, r"config.data.classes: applies to "
+                               r"data.name='folder' only, not 'digits'"),
+    'max_per_class outside folder': ({'data.max_per_class': 10}, r'config.data.max_per_class: '
+                                     'applies to'),
+    'digits size': ({'data.image_size': 12}, r'config.data.image_size: the digits are 8x8'),
+    'empty split name': ({'data.train_split': ''}, r'config.data.train_split: expected a split'),
+    'missing teacher': ({'teacher.checkpoint': '/no/such/teacher'}, r"config.teacher.checkpoint:"
+                        r" '/no/such/teacher' does not exist"),
+    'classes without checkpoint': ({'teacher.num_classes': 5}, r'config.teacher.num_classes: '
+                                   'only a teacher loaded'),
+    'schedule out of order': ({'scratch.until': (5, 3, 7)}, r'config.scratch.until: .*'
+                              'increasing'),
+    'negative rate': ({'scratch.lrs': (0.1, -0.01, 0.001)}, r'config.scratch.lrs: learning '
+                      'rates must'),
+    'unknown decay': ({'fsp.stage1.decay': 'linear'}, r"config.fsp.stage1.decay: unknown "
+                      r"'linear'"),
+    'warmup too long': ({'fsp.stage1.warmup': 100}, r'config.fsp.stage1.warmup: expected an '
+                        r'integer in \[0, 3\)'),
+    'unknown normalisation': ({'fsp.normalize': 'l1'}, r"config.fsp.normalize: unknown 'l1'"),
+    'fsp weights count': ({'fsp.weights': (1.0, 1.0)}, r'config.fsp.weights: expected 3 weights'),
+    'negative fsp weight': ({'fsp.weights': (-1.0, 1.0, 1.0)}, r'config.fsp.weights: expected a '
+                            'tuple of weights >= 0'),
+    'negative task weight': ({'fsp.task_weight': -1.0}, r'config.fsp.task_weight: expected a '
+                             'number >= 0'),
+    'negative shuffle seed': ({'fsp.shuffle_seed': -3}, r'config.fsp.shuffle_seed: expected'),
+    'kd temperature 0': ({'kd.temperature': 0.0}, r'config.kd.temperature: expected a number '
+                         '> 0'),
+    'fitnet temperature 0': ({'fitnet.temperature': 0.0}, r'config.fitnet.temperature: '),
+    'fitnet weights': ({'fitnet.kd_weight': (1.0,)}, r'config.fitnet.kd_weight: expected '
+                       r'\(start, end\)'),
+    'unknown hint': ({'methods': 'fitnet', 'fitnet.hint': 'stage9_out'}, r"config.fitnet.hint: "
+                     r"'stage9_out' is not a feature of both networks"),
+    'widths differ': ({'teacher.width': 2}, r"config.student.model='resnet8' \(width 1\) cannot "
+                      r"be paired with config.teacher.model='resnet26' \(width 2\).*student.adapter"),
+    'stages differ': ({'student.model': 'resnet18'}, r'cannot be paired.*student has 4 FSP '
+                      'matrices and the teacher 3'),
+    'logits of other classes': ({'methods': 'kd', 'teacher.checkpoint': ROOT,
+                                 'teacher.num_classes': 5}, r'config.teacher.num_classes: '
+                                r"methods \['kd'\] distill the teacher's logits"),
+    'missing folder': ({'data.name': 'folder', 'data.root': '/no/such/data'},
+                       r"config.data.root: folder '/no/such/data' does not exist"),
+    'max_per_class 0': ({'data.name': 'folder', 'data.root': FOLDER, 'data.max_per_class': 0},
+                        r'config.data.max_per_class: expected an integer >= 1'),
+    'max_per_class -1': ({'data.name': 'folder', 'data.root': FOLDER,
+                          'data.max_per_class': -1}, r'config.data.max_per_class: expected'),
+    'unknown class': ({'data.name': 'folder', 'data.root': FOLDER, 'data.classes': ('unicorn',)},
+                      r"Class folders \['unicorn'\] not found in .*train"),
+    'image size 7': ({'data.name': 'folder', 'data.root': FOLDER, 'data.image_size': 7},
+                     r'config.data.image_size: 7 gives .* feature maps of \[7, 4, 2\]'),
+    'truncated jpeg': ({'data.name': 'folder', 'data.root': FOLDER + 'truncated'},
+                       r'Image file .*cut.jpg is truncated: a JPEG file must end with'),
+    'missing split': ({'data.name': 'folder', 'data.root': FOLDER, 'data.eval_split': 'val'},
+                      r'Data folder .*val does not exist'),
+    'workdir is a file': ({'workdir': 'file'}, r'--workdir .* is a file; expected a folder'),
+    'workdir not writable': ({'workdir': '/proc/fsp_jax'}, r'--workdir /proc/fsp_jax cannot be '
+                             'written'),
+}
+
+
+def _folder(tmp_path, truncated):
+  """An ImageFolder tree root/{train,test}/{a,b}/*.png, with a cut JPEG if truncated."""
+  root = str(tmp_path / 'folder')
+  for split in ('train', 'test'):
+    for label in ('a', 'b'):
+      for i in range(8):
+        test_data.write_image(os.path.join(root, split, label, f'{i}.png'), i, size=(16, 16))
+  if truncated:
+    path = os.path.join(root, 'train', 'a', 'cut.jpg')
+    test_data.write_image(path, 0, size=(16, 16))
+    with open(path, 'rb') as f:
+      whole = f.read()
+    with open(path, 'wb') as f:
+      f.write(whole[:-20])  # The header is intact, the end is missing.
+  return root
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_bad_input_fails_at_once_naming_it(name, tmp_path):
+  changes, pattern = CASES[name]
+  config = common.tiny(config_lib.default())
+  config.num_nets = 1
+  config.student.model = 'resnet8'
+  workdir = str(tmp_path / 'run')
+  for key, value in changes.items():
+    if key == 'workdir':
+      workdir = value if value.startswith('/') else str(tmp_path / value)
+      if value == 'file':
+        open(workdir, 'w').close()
+      continue
+    if isinstance(value, str) and value.startswith(FOLDER):
+      value = _folder(tmp_path, truncated=value.endswith('truncated'))
+    section, _, field = key.rpartition('.')
+    target = config
+    for part in filter(None, section.split('.')):
+      target = target[part]
+    target[field] = value
+  COMPILATIONS.clear()
+  with pytest.raises((ValueError, RuntimeError)) as error:
+    experiment.train_and_evaluate(config, workdir)
+  assert re.search(pattern, str(error.value)), str(error.value)
+  assert not COMPILATIONS, f'compiled before failing: {COMPILATIONS}'
+  assert not os.path.isdir(os.path.join(workdir, 'teacher'))
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'main.py'), *args],
+                        capture_output=True, text=True, timeout=120, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+
+
+@pytest.mark.parametrize('flag,pattern', [
+    ('--config.fsp.wieghts=(1.0,)', r'fsp.wieghts'),
+    ('--config.seed=abc', r'config.seed'),
+])
+def test_bad_flag_is_one_short_message(flag, pattern, tmp_path):
+  process = _main(f'--config={ROOT}/experiments/configs/quickstart.py:tiny',
+                  f'--workdir={tmp_path}', flag)
+  assert process.returncode != 0 and re.search(pattern, process.stderr), process.stderr
+  assert 'Traceback' not in process.stderr and len(process.stderr.splitlines()) <= 6, \
+      process.stderr
+
+
+def test_unknown_variant_is_named_with_the_known_ones(tmp_path):
+  process = _main(f'--config={ROOT}/experiments/configs/transfer_cub.py:gpu',
+                  f'--workdir={tmp_path}')
+  assert process.returncode != 0, process.stderr
+  assert re.search(r"Unknown config variant 'gpu'; this config has 'cpu', 'tiny'",
+                   process.stderr), process.stderr
+  assert 'Traceback' not in process.stderr and len(process.stderr.splitlines()) <= 6, \
+      process.stderr

@@ -1,0 +1,87 @@
+"""Whole experiments: a cached stage 1, resume after a corrupt checkpoint, adapters."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from configs import common
+from fsp_jax import config as config_lib
+from fsp_jax import experiment
+
+
+def _tiny_config(methods):
+  config = common.tiny(config_lib.default())
+  config.methods = methods
+  config.num_nets = 1
+  config.teacher.model, config.student.model = 'resnet14', 'resnet8'
+  config.teacher.schedule = config_lib.schedule((0.1,), (3,))
+  config.fsp.stage1 = config_lib.schedule((1e-3,), (3,))
+  config.fsp.stage2 = config_lib.schedule((0.1, 0.01), (3, 5))
+  config.checkpoint_every = 2
+  config.keep_checkpoints = 5
+  return config
+
+
+def _final_params(workdir, method):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer().restore(
+      os.path.abspath(os.path.join(workdir, method, 'net1', 'model')))
+
+
+def test_cached_run_trains(tmp_path):
+  config = common.tiny(config_lib.default())
+  config.methods, config.num_nets, config.fsp.cache = 'fsp', 1, True
+  config.teacher.model = config.student.model = 'resnet8'
+  rows = experiment.train_and_evaluate(config, str(tmp_path))
+  assert [row['method'] for row in rows] == ['teacher', 'fsp']
+  with open(tmp_path / 'fsp' / 'net1' / 'result.json') as f:
+    stage1 = [loss for _, phase, loss in json.load(f)['history']['train'] if phase == 'stage1']
+  assert len(stage1) == config.fsp.stage1.until[-1] and np.all(np.isfinite(stage1))
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, capsys):
+  config = _tiny_config('fsp')
+  uninterrupted = str(tmp_path / 'a')
+  rows = experiment.train_and_evaluate(config, uninterrupted)
+  assert [r['method'] for r in rows] == ['teacher', 'fsp']
+  assert os.path.exists(os.path.join(uninterrupted, 'results.md'))
+  interrupted = str(tmp_path / 'b')
+  shutil.copytree(uninterrupted, interrupted)
+  # A copy stopped after the stage-2 checkpoint at step 4, whose files then got corrupted: the
+  # run must fall back to step 2, move 4 aside and still end exactly as the uninterrupted one.
+  run_dir = os.path.join(interrupted, 'fsp', 'net1')
+  os.remove(os.path.join(run_dir, 'result.json'))
+  for path in ('model', os.path.join('stage2', '5')):
+    shutil.rmtree(os.path.join(run_dir, path))
+  corrupted = 0
+  for folder, _, files in os.walk(os.path.join(run_dir, 'stage2', '4')):
+    for name in files:
+      if os.sep + 'd' in folder:  # The array data files.
+        with open(os.path.join(folder, name), 'wb') as f:
+          f.write(b'garbage')
+        corrupted += 1
+  assert corrupted and sorted(os.listdir(os.path.join(run_dir, 'stage2'))) == ['2', '4']
+  capsys.readouterr()
+  rows = experiment.train_and_evaluate(config, interrupted)
+  expected, resumed = _final_params(uninterrupted, 'fsp'), _final_params(interrupted, 'fsp')
+  for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert rows[-1]['iterations'] == 3 + 5
+  output = capsys.readouterr().out
+  assert 'checkpoint 4 is unreadable and was moved to 4.corrupt' in output
+  assert 'resumed from step 2' in output and len(output.splitlines()) < 40, output
+  assert sorted(os.listdir(os.path.join(run_dir, 'stage2'))) == ['2', '4', '4.corrupt', '5']
+  histories = [json.load(open(os.path.join(d, 'fsp', 'net1', 'result.json')))['history']
+               for d in (uninterrupted, interrupted)]
+  assert histories[0] == histories[1] and len(histories[0]['train']) == 3 + 5
+
+
+def test_adapter_pairs_different_widths(tmp_path):
+  config = _tiny_config('fsp')
+  config.teacher.width = 2
+  config.student.adapter = True
+  rows = experiment.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert rows[-1]['method'] == 'fsp' and 0.0 <= rows[-1]['avg'] <= 1.0

@@ -1,0 +1,120 @@
+"""Each method's record: its phases, schedules, loss terms and weights, and its student."""
+
+import jax
+import numpy as np
+import pytest
+
+from fsp_jax import config as config_lib
+from fsp_jax import experiment, methods, models, steps, trainer
+
+
+@pytest.fixture
+def config():
+  return config_lib.default()
+
+
+def _summary(method, config):
+  """[(phase, schedule, ((term, weights, options), ...)), ...]."""
+  return [(p.name, tuple(p.schedule), tuple((t.name, t.weight, dict(t.options))
+                                             for t in p.terms))
+          for p in methods.get(method).phases(config)]
+
+
+def test_every_method_has_a_label_colour_and_valid_phases(config):
+  for method in [methods.TEACHER, *methods.METHODS.values()]:
+    assert method.label and method.color
+    phases = method.phases(config)
+    assert [p.name for p in phases] in (['train'], ['stage1', 'stage2'])
+    assert all(t.name in methods.TERMS for p in phases for t in p.terms)
+
+
+def test_scratch_and_teacher_scratch_train_alone_on_the_task_schedule(config):
+  task = (('ce', (1.0, 1.0), {}),)
+  paper = ((0.1, 0.01, 0.001), (11_000, 16_000, 21_000), 0, 'step')
+  assert _summary('scratch', config) == [('train', paper, task)]
+  assert _summary('teacher_scratch', config) == [('train', paper, task)]
+  assert methods.get('teacher_scratch').network == 'teacher'
+  assert not methods.get('scratch').uses_teacher(config)
+  assert _summary('teacher', config)[0][1] == (
+      (0.1, 0.01, 0.001), (32_000, 48_000, 64_000), 0, 'step')
+
+
+def test_fsp_has_the_papers_two_stages(config):
+  options = {'normalize': config.fsp.normalize, 'weights': None, 'shuffle_seed': None}
+  assert _summary('fsp', config) == [
+      ('stage1', ((1e-3, 1e-4, 1e-5), (11_000, 16_000, 21_000), 0, 'step'),
+       (('fsp', (1.0, 1.0), {**options, 'cached': False}),)),
+      ('stage2', ((0.1, 0.01, 0.001), (11_000, 16_000, 21_000), 0, 'step'),
+       (('ce', (1.0, 1.0), {}),))]
+  config.fsp.task_weight, config.fsp.cache = 0.5, True
+  stage1, stage2 = _summary('fsp', config)
+  assert stage1[2][0][2]['cached'] and stage2[2][1] == ('fsp', (0.5, 0.5), options)
+  assert methods.get('fsp').uses_teacher(config)
+
+
+def test_fsp_shuffled_permutes_the_teachers_rows_and_columns(config):
+  (_, _, ((_, _, options),)), _ = _summary('fsp_shuffled', config)
+  assert options['shuffle_seed'] == config.fsp.shuffle_seed
+  g = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+  shuffled = methods.shuffle_fsp([g], 0)[0]
+  rows = np.random.default_rng(0).permutation(3)
+  cols = np.random.default_rng(0)
+  cols.permutation(3)
+  np.testing.assert_array_equal(shuffled, g[:, rows][:, :, cols.permutation(4)])
+  assert not np.array_equal(shuffled, g)
+  np.testing.assert_array_equal(np.sort(shuffled.ravel()), np.sort(g.ravel()))
+
+
+def test_fitnet_divides_its_kd_weight_by_tau_squared(config):
+  hint, task = _summary('fitnet', config)
+  assert hint == ('stage1', ((1e-4, 1e-5), (25_000, 35_000), 0, 'step'),
+                  (('hint', (1.0, 1.0), {'layer': 'stage2_out'}),))
+  assert task[2] == (('ce', (1.0, 1.0), {}), ('kd', (4.0 / 9.0, 1.0 / 9.0),
+                                              {'temperature': 3.0}))
+  config.fitnet.kd_weight = (0.0, 0.0)  # A teacher of other classes: cross-entropy alone.
+  assert _summary('fitnet', config)[1][2] == (('ce', (1.0, 1.0), {}),)
+
+
+def test_kd_and_finetune(config):
+  assert _summary('kd', config)[0][2] == (('ce', (1.0, 1.0), {}),
+                                          ('kd', (1.0, 1.0), {'temperature': 4.0}))
+  finetune = methods.get('finetune')
+  assert finetune.starts_from_teacher and finetune.network == 'teacher'
+  assert _summary('finetune', config)[0][1][0] == (0.01, 0.001, 0.0001)
+
+
+def test_start_from_copies_the_backbone_but_the_head():
+  model = methods.Student(models.get('resnet8', 10))
+  tx = steps.optimizer(methods.Schedule((0.1,), (1,)), 0.0, 0.9)
+  fresh = steps.create_train_state(model, jax.random.key(0), 16, tx)
+  pretrained = steps.create_train_state(model, jax.random.key(1), 16, tx).variables()
+  started = trainer.start_from(fresh, pretrained)
+  backbone, old = started.params['backbone'], pretrained['params']['backbone']
+  for name in backbone:
+    same = jax.tree_util.tree_map(np.array_equal, backbone[name], (
+        fresh.params['backbone'] if name == 'head' else old)[name])
+    assert all(jax.tree_util.tree_leaves(same)), name
+  assert not np.array_equal(backbone['head']['kernel'], old['head']['kernel'])
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      np.array_equal, started.batch_stats, pretrained['batch_stats']))
+
+
+def test_students_get_what_their_method_adds(config):
+  config.student.model = 'resnet8'
+  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
+  fitnet = experiment.build_student(methods.get('fitnet'), config, 10, teacher)
+  assert fitnet.hint == ('stage2_out', 32) and not fitnet.adapter
+  config.teacher.width = 2
+  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
+  with pytest.raises(ValueError, match='cannot be paired'):
+    experiment.build_student(methods.get('fsp'), config, 10, teacher)
+  config.student.adapter = True
+  fsp_student = experiment.build_student(methods.get('fsp'), config, 10, teacher)
+  assert dict(fsp_student.adapter) == {'stage1_in': 32, 'stage1_out': 32, 'stage2_in': 32,
+                                       'stage2_out': 64, 'stage3_in': 64, 'stage3_out': 128}
+  assert experiment.build_student(methods.get('scratch'), config, 10, teacher).adapter == ()
+
+
+def test_unknown_method_is_named():
+  with pytest.raises(ValueError, match=r"Unknown method 'hint'.*fsp_shuffled"):
+    methods.get('hint')
