@@ -95,3 +95,32 @@ def hint_loss(regressed: jnp.ndarray, teacher_feature: jnp.ndarray) -> jnp.ndarr
   diff = regressed.astype(jnp.float32) - jax.lax.stop_gradient(teacher_feature).astype(jnp.float32)
   return 0.5 * jnp.mean(jnp.sum(jnp.square(diff), axis=tuple(range(1, diff.ndim))))
 
+
+def attention_map(features: jnp.ndarray) -> jnp.ndarray:
+  """Zagoruyko & Komodakis' spatial attention: [B, H, W, C] -> [B, H * W], the channel mean of
+  the squared activations (p = 2), L2-normalised per example, in float32."""
+  q = jnp.mean(jnp.square(features.astype(jnp.float32)), axis=-1).reshape(features.shape[0], -1)
+  return q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+
+
+def attention_transfer(student: Sequence[jnp.ndarray],
+                       teacher: Sequence[jnp.ndarray]) -> jnp.ndarray:
+  """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): squared L2 distance between the
+  normalised attention maps of paired layers, averaged over the batch and the H * W positions
+  (as in the authors' code), summed over the pairs.
+
+  Args:
+    student, teacher: sequences of [B, H, W, C_s] and [B, H, W, C_t] features (channel counts
+      may differ; spatial sizes must agree); no gradient flows into the teacher's.
+  """
+  if len(student) != len(teacher) or not student:
+    raise ValueError(f'Expected the same positive number of student and teacher features, got '
+                     f'{len(student)} and {len(teacher)}.')
+  total = 0.0
+  for i, (f_s, f_t) in enumerate(zip(student, teacher)):
+    if f_s.shape[:3] != f_t.shape[:3]:
+      raise ValueError(f'Attention pair {i}: student {f_s.shape} and teacher {f_t.shape} differ '
+                       'in batch or spatial size.')
+    q_t = attention_map(jax.lax.stop_gradient(f_t))
+    total = total + jnp.mean(jnp.square(attention_map(f_s) - q_t))
+  return total

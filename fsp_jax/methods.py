@@ -45,6 +45,10 @@ def _fsp_term(out: Outputs, normalize='none', weights=None, shuffle_seed=None,
   return losses.fsp_l2(fsp.fsp_matrices(out.features), target, weights, normalize)
 
 
+def _stage_outputs(features: dict) -> list:
+  return [features[last] for _, last in fsp.stage_pairs(features)]
+
+
 # Loss terms by name: out -> scalar, with the term's options as keywords.
 TERMS: dict[str, Callable[..., Any]] = {
     'ce': lambda out: losses.cross_entropy(out.logits, out.labels),
@@ -52,6 +56,8 @@ TERMS: dict[str, Callable[..., Any]] = {
     'kd': lambda out, temperature: losses.kd_loss(out.logits, out.teacher_logits, temperature),
     'hint': lambda out, layer: losses.hint_loss(out.features['hint'],
                                                 out.teacher_features[layer]),
+    'at': lambda out: losses.attention_transfer(_stage_outputs(out.features),
+                                                _stage_outputs(out.teacher_features)),
 }
 
 
@@ -148,6 +154,12 @@ def _fitnet_student(config, backbone, mine, theirs) -> Student:
     raise ValueError(f'config.fitnet.hint: {hint!r} is not a feature of both networks; '
                      f'expected one of {sorted(set(mine) & set(theirs))}.')
   return Student(backbone, hint=(hint, theirs[hint].shape[-1]))
+
+
+def _at_student(config, backbone, mine, theirs) -> Student:
+  del config
+  jax.eval_shape(losses.attention_transfer, _stage_outputs(mine), _stage_outputs(theirs))
+  return Student(backbone)
 
 
 def features_of(model: nn.Module, image_size: int) -> dict:
@@ -286,6 +298,16 @@ def _kd_defaults():
       'weight': 1.0})  # Cross-entropy + weight * Hinton's tau^2-scaled KL.
 
 
+def _check_at(config) -> None:
+  _number(config, 'at.weight', 0, strict=True)
+
+
+def _at_defaults():
+  return ml_collections.ConfigDict({
+      'schedule': schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000)),
+      'weight': 500.0})  # The authors' beta / 2, with beta = 1e3 and their mean over positions.
+
+
 def _task_schedule():
   return schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000))
 
@@ -310,6 +332,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method('kd', 'KD', 'tab:green', lambda c: _train(c.kd.schedule, Term(
         'kd', (c.kd.weight,) * 2, (('temperature', c.kd.temperature),))),
            section='kd', defaults=_kd_defaults, check=_check_kd),
+    # Attention transfer (Zagoruyko & Komodakis, ICLR 2017): cross-entropy and the distance
+    # between the normalised spatial attention maps of the stage outputs, in one stage.
+    Method('at', 'Attention transfer', 'tab:olive', lambda c: _train(c.at.schedule, Term(
+        'at', (c.at.weight,) * 2)), student=_at_student, section='at', defaults=_at_defaults,
+           check=_check_at),
     # Table 5's teacher rows: its network fine-tuned from its weights with a new classifier,
     # and trained on the task alone with the student's schedule (config.scratch).
     Method('finetune', 'Teacher net, fine-tuned', 'tab:red', lambda c: _train(c.finetune),

@@ -106,3 +106,30 @@ def test_hint_loss_reference_and_shapes():
   np.testing.assert_allclose(losses.hint_loss(r, u), expected, rtol=1e-5)
   with pytest.raises(ValueError, match=r'\(2, 4, 4, 8\) vs teacher \(2, 4, 4, 16\)'):
     losses.hint_loss(r, jnp.zeros((2, 4, 4, 16)))
+
+
+def attention_reference(student, teacher):
+  """sum_j mean over x and positions of (q_s - q_t)^2, q = normalised channel mean of F^2."""
+  total = 0.0
+  for f_s, f_t in zip(student, teacher):
+    batch, height, width = f_s.shape[:3]
+    for x in range(batch):
+      maps = []
+      for f in (f_s, f_t):
+        q = np.mean(np.asarray(f[x], np.float64) ** 2, axis=-1).ravel()
+        maps.append(q / np.linalg.norm(q))
+      total += np.sum((maps[0] - maps[1]) ** 2) / (batch * height * width)
+  return total
+
+
+def test_attention_transfer_matches_reference_and_spares_the_teacher():
+  student = [_normal(0, (3, 8, 8, 4)), _normal(1, (3, 4, 4, 8))]
+  teacher = [_normal(2, (3, 8, 8, 16)), _normal(3, (3, 4, 4, 32))]  # Other channel counts.
+  np.testing.assert_allclose(losses.attention_transfer(student, teacher),
+                             attention_reference(student, teacher), rtol=1e-5)
+  assert float(losses.attention_transfer(teacher, teacher)) < 1e-12
+  grad_s, grad_t = jax.grad(losses.attention_transfer, argnums=(0, 1))(student, teacher)
+  assert all(float(jnp.abs(g).max()) > 0 for g in grad_s)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in grad_t)
+  with pytest.raises(ValueError, match='differ in batch or spatial size'):
+    losses.attention_transfer(student[:1], teacher[1:])

@@ -118,3 +118,16 @@ def test_students_get_what_their_method_adds(config):
 def test_unknown_method_is_named():
   with pytest.raises(ValueError, match=r"Unknown method 'hint'.*fsp_shuffled"):
     methods.get('hint')
+
+
+def test_attention_transfer_is_one_stage_with_the_authors_weight(config):
+  assert _summary('at', config) == [
+      ('train', ((0.1, 0.01, 0.001), (11_000, 16_000, 21_000), 0, 'step'),
+       (('ce', (1.0, 1.0), {}), ('at', (500.0, 500.0), {})))]
+  assert methods.get('at').uses_teacher(config)
+  config.student.model = 'resnet8'
+  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
+  assert experiment.build_student(methods.get('at'), config, 10, teacher).hint is None
+  config.at.weight = 0.0
+  with pytest.raises(ValueError, match=r'config.at.weight: expected a number > 0'):
+    config_lib.validate(config)
