@@ -21,19 +21,33 @@ FSP_NORMALIZATIONS = ('none', 'entries', 'teacher')
 
 
 def fsp_l2(student: Any, teacher: Any, weights: Sequence[float] | None = None,
-           normalize: str = 'none') -> jnp.ndarray:
-  """The paper's L_FSP: squared Frobenius distance between FSP matrices.
+           normalize: str = 'teacher') -> jnp.ndarray:
+  """The paper's L_FSP: squared Frobenius distances between FSP matrices, batch mean.
 
-      L = 1/B sum_x sum_i w_i || G_i^S(x) - G_i^T(x) ||_F^2
+      normalize='teacher' (default):  L = 1/B sum_x sum_i w_i ||G_i^S(x) - G_i^T(x)||^2
+                                                               / ||G_i^T(x)||^2
+      normalize='none' (literal):     L = 1/B sum_x sum_i w_i ||G_i^S(x) - G_i^T(x)||^2
+      normalize='entries':            each term divided by M_i * N_i instead
+
+  Both are the paper's formula: it weights the stages with equal lambda_i but never gives
+  their value. 'teacher' takes lambda_i(x) = 1 / ||G_i^T(x)||^2, a constant for the student
+  (the teacher is frozen) that makes each term the relative error of stage i's matrix. The
+  literal sum grows with the fourth power of the features' scale and with M_i * N_i, so its
+  gradients differ by orders of magnitude between networks, image sizes and teachers (and
+  overflow at the paper's stage-1 rate); the normalised loss is about 1 per stage at the
+  start for all of them.
 
   Args:
     student: a sequence (or pytree) of [B, M_i, N_i] student FSP matrices.
     teacher: the teacher's matrices, in the same structure; no gradient flows into them.
-    weights: one lambda_i per matrix; all equal to 1 by default, as in the paper.
+    weights: w_i, one per matrix; all equal to 1 by default, as in the paper.
+    normalize: 'teacher', 'none' or 'entries' (above).
 
   Returns:
-    A scalar float32 loss.
+    A scalar float32 loss, averaged over the batch.
   """
+  if normalize not in FSP_NORMALIZATIONS:
+    raise ValueError(f'normalize must be one of {FSP_NORMALIZATIONS}, got {normalize!r}.')
   student, teacher = _leaves(student, 'student'), _leaves(teacher, 'teacher')
   if len(student) != len(teacher):
     raise ValueError(

@@ -37,7 +37,7 @@ def shuffle_fsp(matrices, seed: int) -> list:
           for g in matrices]
 
 
-def _fsp_term(out: Outputs, normalize='none', weights=None, shuffle_seed=None,
+def _fsp_term(out: Outputs, normalize='teacher', weights=None, shuffle_seed=None,
               cached=False):
   target = out.teacher_fsp if cached else fsp.fsp_matrices(out.teacher_features)
   if shuffle_seed is not None:
@@ -271,7 +271,9 @@ def _fsp_defaults():
       'stage2': schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000)),
       # lambda_i, one per FSP matrix; None: all equal (the paper).
       'weights': ml_collections.FieldReference(None, field_type=tuple),
-      'normalize': 'none',     # losses.fsp_l2's normalisation; 'none': the literal sum.
+      # losses.fsp_l2's normalisation: 'teacher' (each stage's relative error), 'entries' or
+      # 'none' (the literal sum, whose scale differs between pairs by orders of magnitude).
+      'normalize': 'teacher',
       'shuffle_seed': 0,       # Permutation of the teacher's rows and columns (fsp_shuffled).
       'task_weight': 0.0,      # Optional FSP term added to the stage-2 loss.
       # Stage 1 reads the teacher's FSP matrices, computed once per training image as the

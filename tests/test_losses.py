@@ -17,21 +17,38 @@ def _matrices(seed):
   return [_normal(seed, (4, 16, 16)), _normal(seed + 1, (4, 16, 32)), _normal(seed + 2, (4, 32, 64))]
 
 
-def fsp_l2_reference(student, teacher, weights):
-  """1/N sum_x sum_i lambda_i || G_i^T(x) - G_i^S(x) ||_2^2, with loops over x and i."""
+def fsp_l2_reference(student, teacher, weights, normalize='none'):
+  """1/N sum_x sum_i lambda_i(x) || G_i^T(x) - G_i^S(x) ||_2^2, with loops over x and i:
+  lambda_i(x) = w_i, w_i / (M_i N_i) ('entries') or w_i / ||G_i^T(x)||^2 ('teacher')."""
   batch = student[0].shape[0]
   total = 0.0
   for x in range(batch):
-    for g_s, g_t, lam in zip(student, teacher, weights):
-      total += lam * np.sum((np.asarray(g_t[x], np.float64) - np.asarray(g_s[x], np.float64))**2)
+    for g_s, g_t, w in zip(student, teacher, weights):
+      g_t, g_s = np.asarray(g_t[x], np.float64), np.asarray(g_s[x], np.float64)
+      scale = {'none': 1.0, 'entries': g_t.size, 'teacher': np.sum(g_t**2)}[normalize]
+      total += w * np.sum((g_t - g_s)**2) / scale
   return total / batch
 
 
+@pytest.mark.parametrize('normalize', ['none', 'entries', 'teacher'])
 @pytest.mark.parametrize('weights', [None, (0.5, 1.0, 2.0)])
-def test_fsp_l2_matches_reference(weights):
+def test_fsp_l2_matches_reference(weights, normalize):
   student, teacher = _matrices(0), _matrices(10)
-  expected = fsp_l2_reference(student, teacher, weights or (1.0, 1.0, 1.0))
-  np.testing.assert_allclose(losses.fsp_l2(student, teacher, weights), expected, rtol=1e-5)
+  expected = fsp_l2_reference(student, teacher, weights or (1.0, 1.0, 1.0), normalize)
+  np.testing.assert_allclose(losses.fsp_l2(student, teacher, weights, normalize), expected,
+                             rtol=1e-5)
+
+
+def test_fsp_l2_normalised_is_the_same_for_every_scale():
+  """The default loss does not change when both networks' features are scaled (G by c^2)."""
+  student, teacher = _matrices(0), _matrices(10)
+  for c in (1e-3, 1.0, 1e3):
+    np.testing.assert_allclose(losses.fsp_l2([g * c**2 for g in student],
+                                             [g * c**2 for g in teacher]),
+                               losses.fsp_l2(student, teacher), rtol=1e-5)
+  assert 1.0 < float(losses.fsp_l2(student, teacher)) < 10.0  # About 2 per stage here.
+  with pytest.raises(ValueError, match="normalize must be one of"):
+    losses.fsp_l2(student, teacher, normalize='l1')
 
 
 def test_fsp_l2_accepts_pytrees():
@@ -48,7 +65,8 @@ def test_fsp_l2_zero_for_identical_inputs():
 
 def test_fsp_l2_gradient_reaches_student_only():
   student, teacher = _matrices(0), _matrices(10)
-  grad_s, grad_t = jax.grad(losses.fsp_l2, argnums=(0, 1))(student, teacher)
+  literal = lambda s, t: losses.fsp_l2(s, t, normalize='none')
+  grad_s, grad_t = jax.grad(literal, argnums=(0, 1))(student, teacher)
   batch = student[0].shape[0]
   for g, s, t in zip(grad_s, student, teacher):
     np.testing.assert_allclose(g, 2.0 * (s - t) / batch, rtol=1e-5, atol=1e-6)
@@ -60,7 +78,7 @@ class VariantsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   def test_variants_agree(self):
     student, teacher = _matrices(0), _matrices(10)
-    expected = fsp_l2_reference(student, teacher, (1.0, 1.0, 1.0))
+    expected = fsp_l2_reference(student, teacher, (1.0, 1.0, 1.0), 'teacher')
     got = self.variant(losses.fsp_l2, n_devices=4)(student, teacher)
     chex.assert_trees_all_close(got, np.float32(expected), rtol=1e-5)
 

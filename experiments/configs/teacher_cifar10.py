@@ -22,15 +22,15 @@ def get_config(arg=None):
   config.methods = ''  # The teacher only.
   config.data.name = 'folder'
   config.data.root = common.CIFAR10
-  config.batch_size = 32
+  config.batch_size = common.BATCH
   config.eval_batch_size = 1000
-  config.weight_decay = 5e-4
+  config.weight_decay = common.WEIGHT_DECAY
   config.log_every = 200
   config.eval_every = 5000
   config.checkpoint_every = 1000
   config.teacher.num_nets = 1
-  config.teacher.schedule = config_lib.schedule((0.025,), (25_000,), warmup=500,
-                                                decay='cosine')
+  config.teacher.schedule = config_lib.schedule((common.PEAK_LR,), (common.TEACHER_STEPS,),
+                                                warmup=common.WARMUP, decay='cosine')
   return common.variant(config, arg, VARIANTS)
 
 

@@ -50,9 +50,8 @@ def get_config(arg=None):
   length = 200  # 32 epochs of the 400 target images.
   config.scratch = config.fsp.stage2 = config.fitnet.stage2 = _steps((0.1, 0.01, 0.001), length)
   config.finetune = _steps((0.01, 0.001, 0.0001), length)
-  config.fsp.stage1 = _steps(common.STABLE_STAGE1['fsp'], length)
-  config.fitnet.stage1 = config_lib.schedule(common.STABLE_STAGE1['fitnet'],
-                                             (length * 25 // 21, length * 35 // 21))
+  config.fsp.stage1 = _steps((1e-3, 1e-4, 1e-5), length)
+  config.fitnet.stage1 = config_lib.schedule((1e-4, 1e-5), (length * 25 // 21, length * 35 // 21))
   config.eval_every = 50
   return common.variant(config, arg, VARIANTS)
 
