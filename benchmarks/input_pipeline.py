@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from fsp_jax import data, models
+from fsp_jax import data, models, sources
 from fsp_jax import steps as steps_lib
 from fsp_jax.methods import Phase, Schedule, Student, Term
 
@@ -61,7 +61,7 @@ def main():
   parser.add_argument('--batches', type=int, default=50)
   parser.add_argument('--steps', type=int, default=5)
   args = parser.parse_args()
-  source = data.folder_source(args.data, 'train')
+  source = sources.folder_source(args.data, 'train')
   pipeline = input_rate(source, args.batch_size, args.batches)
   print(f'machine: {jax.devices()[0].device_kind} x {jax.local_device_count()}, '
         f'batch {args.batch_size}')

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsp_jax import config as config_lib
-from fsp_jax import data, logs, methods, models, steps, trainer
+from fsp_jax import data, logs, methods, models, sources, steps, trainer
 
 
 class Trivial(nn.Module):
@@ -45,7 +45,7 @@ def _setup(backbone, image_size: int, batch_size: int, steps_count: int, workdir
   config.data.image_size = image_size
   config.scratch = config_lib.schedule((0.1,), (steps_count,))
   rng = np.random.default_rng(0)
-  source = data.ArraySource(rng.integers(0, 256, (4096, image_size, image_size, 3), np.uint8),
+  source = sources.ArraySource(rng.integers(0, 256, (4096, image_size, image_size, 3), np.uint8),
                             rng.integers(0, 10, 4096), 10)
   ctx = trainer.Context(config, workdir, source, source, data.Preprocess(image_size, 'cifar'))
   run = trainer.Run(methods.get('scratch'), 0, 'bench', methods.Student(backbone))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fsp_jax import data, fsp, losses, models
+from fsp_jax import data, fsp, losses, models, sources
 
 PAIRS = {  # name: (teacher, student, width, image size, teacher classes)
     '26-26': ('resnet26', 'resnet26', 1, 32, 10),
@@ -174,7 +174,7 @@ def main():
   parser.add_argument('--lr', type=float, default=1e-3)
   parser.add_argument('--out', default='')
   args = parser.parse_args()
-  source = data.folder_source(args.data, 'test', max_per_class=100)
+  source = sources.folder_source(args.data, 'test', max_per_class=100)
   results = []
   for pair in args.pairs.split(','):
     results.append(run_pair(pair, args, source))

@@ -1,4 +1,4 @@
-"""Learned channel adapters, so that any teacher/student pair can be distilled.
+"""What distillation adds on the student's side: channel adapters and the Student wrapper.
 
 The paper's students are their teachers with blocks removed, so stage widths agree and no
 adapter is needed (the default). For pairs whose widths differ, a 1x1 convolution (+ BN) on
@@ -56,3 +56,28 @@ def mismatched_widths(student: Mapping[str, Any], teacher: Mapping[str, Any]) ->
           if name in teacher and student[name].shape[-1] != teacher[name].shape[-1]}
 
 
+class Student(nn.Module):
+  """A network and what distillation adds on its side: x -> (logits, features).
+
+  Attributes:
+    backbone: a `fsp_jax.models` network.
+    adapter: ((feature name, teacher width), ...): 1x1 conv + BN channel adapters applied to
+      the FSP features (for pairs whose widths differ).
+    hint: (feature name, teacher width): FitNet's regressor, its output in features['hint'].
+  """
+  backbone: nn.Module
+  adapter: tuple[tuple[str, int], ...] = ()
+  hint: tuple[str, int] | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    logits, features = self.backbone(x, train=train)
+    if self.hint:
+      name, width = self.hint
+      regressor = ChannelAdapter({name: width}, kernel_size=3, norm=False,
+                                 name='hint_regressor')
+      features = {**features, 'hint': regressor(features, train)[name]}
+    if self.adapter:
+      features = ChannelAdapter(dict(self.adapter), axis_name=self.backbone.axis_name,
+                                name='adapter')(features, train)
+    return logits, features

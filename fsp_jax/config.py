@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from fsp_jax import data, methods, models, schedules
+from fsp_jax import data, methods, models, schedules, sources
 from fsp_jax.schedules import schedule
 
 DTYPES = ('float32', 'bfloat16')
@@ -157,8 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_data(c: ml_collections.ConfigDict) -> None:
-  if c.name not in data.SOURCES:
-    _fail('data.name', f'unknown data set {c.name!r}; expected one of {", ".join(data.SOURCES)}.')
+  if c.name not in sources.SOURCES:
+    _fail('data.name', f'unknown data set {c.name!r}; expected one of '
+          f'{", ".join(sources.SOURCES)}.')
   if c.augment not in data.AUGMENTATIONS:
     _fail('data.augment', f'unknown {c.augment!r}; expected one of '
           f'{", ".join(data.AUGMENTATIONS)}.')

@@ -1,9 +1,9 @@
-"""Input pipelines: data sources, the paper's augmentation, host sharding and prefetching.
+"""Input pipelines: the paper's augmentation, batches, host sharding and prefetching.
 
-A *source* is random access: `len(source)`, `source[i] -> (image uint8 [H, W, 3], label)`,
-`source.num_classes`. Batches are a pure function of (seed, step), so a run that resumes at
-step s sees exactly the batches an uninterrupted run sees, and the pipeline's whole state is
-the step stored in the checkpoint. Each host reads only its own part of every global batch.
+Batches are a pure function of (seed, step), so a run that resumes at step s sees exactly the
+batches an uninterrupted run sees, and the pipeline's whole state is the step stored in the
+checkpoint. Each host reads only its own part of every global batch (see `sources` for what
+batches are read from).
 """
 
 import concurrent.futures
@@ -11,204 +11,17 @@ import dataclasses
 import os
 import queue
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
-TFDS_CLASSES = {'cifar10': 10, 'cifar100': 100, 'caltech_birds2011': 200}
-SOURCES = tuple(TFDS_CLASSES) + ('folder', 'cub', 'digits')
 AUGMENTATIONS = ('cifar', 'crop_flip', 'none')
 # Per-channel mean and standard deviation of the pixels, in [0, 255].
 CIFAR_STATS = ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7))
 IMAGENET_STATS = ((123.7, 116.3, 103.5), (58.4, 57.1, 57.4))
-
-
-def _decode(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert('RGB'))
-  except (OSError, ValueError) as e:
-    raise ValueError(f'Cannot decode image file {path}: {e}') from e
-
-
-# How a complete file of each format ends: a file cut short (an interrupted copy) has a good
-# header but not this ending.
-_ENDINGS = {'JPEG': (b'\xff\xd9',), 'PNG': (b'IEND\xaeB`\x82',)}
-
-
-def _check_file(path: str) -> None:
-  """Checks an image file's header and that it is complete, without decoding its pixels."""
-  try:
-    with Image.open(path) as image:
-      image_format = image.format
-    with open(path, 'rb') as f:
-      f.seek(max(0, os.path.getsize(path) - 64))
-      tail = f.read().rstrip(b'\x00\r\n ')
-  except (OSError, ValueError) as e:
-    raise ValueError(f'Not a readable image file: {path} ({e}).') from e
-  endings = _ENDINGS.get(image_format)
-  if endings and not tail.endswith(endings):
-    raise ValueError(f'Image file {path} is truncated: a {image_format} file must end with '
-                     f'{endings[0]!r} (an interrupted copy or download?).')
-
-
-class FileSource:
-  """Images on disk, decoded when read: paths [N] and integer labels [N]."""
-
-  def __init__(self, paths: Sequence[str], labels: Sequence[int], num_classes: int):
-    self.paths, self.labels, self.num_classes = list(paths), np.asarray(labels), num_classes
-    for path in self.paths:  # Headers and endings: a bad file fails now, not mid-training.
-      _check_file(path)
-
-  def __len__(self):
-    return len(self.paths)
-
-  def __getitem__(self, i):
-    return _decode(self.paths[i]), int(self.labels[i])
-
-
-class ArraySource:
-  """Images held in memory: images [N, H, W, 3] uint8, labels [N]."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
-    self.images, self.labels, self.num_classes = images, np.asarray(labels), num_classes
-
-  def __len__(self):
-    return len(self.images)
-
-  def __getitem__(self, i):
-    return self.images[i], int(self.labels[i])
-
-
-class TfdsSource:
-  """A TFDS data set through `tfds.data_source` (random access, no TensorFlow at run time)."""
-
-  def __init__(self, name: str, split: str, data_dir: str | None = None):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    try:
-      self.records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # TFDS raises several kinds for a missing or unprepared data set.
-      raise ValueError(
-          f'TFDS data set {name!r} (split {split!r}) is not prepared in data_dir={data_dir!r}. '
-          f'Prepare it with `tfds build {name} --file_format=array_record` or point '
-          f'config.data.data_dir at it. TFDS said: {e}') from e
-    self.num_classes = TFDS_CLASSES[name]
-
-  def __len__(self):
-    return len(self.records)
-
-  def __getitem__(self, i):
-    record = self.records[int(i)]
-    image = np.asarray(record['image'])
-    if image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
-    return image, int(record['label'])
-
-
-def folder_source(root: str, split: str, classes: Sequence[str] | None = None,
-                  max_per_class: int | None = None) -> FileSource:
-  """The ImageFolder layout root/<split>/<class>/*.jpg|png; classes sorted by name.
-
-  Args:
-    classes: keep only these class folders (in this order); all of them by default.
-    max_per_class: keep the first images of each class (sorted by file name).
-  """
-  split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
-    raise ValueError(f'Data folder {split_dir} does not exist; expected root/<split>/<class>/*.jpg '
-                     f'with root={root!r}, split={split!r}.')
-  found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-  if classes is None:
-    classes = found
-  unknown = sorted(set(classes) - set(found))
-  if not classes or unknown:
-    raise ValueError(f'Class folders {unknown or "(none)"} not found in {split_dir}; '
-                     f'it has {found}.')
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    class_dir = os.path.join(split_dir, name)
-    files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-      raise ValueError(f'Class folder {class_dir} holds no images ({", ".join(IMAGE_SUFFIXES)}).')
-    files = files[:max_per_class]
-    paths += [os.path.join(class_dir, f) for f in files]
-    labels += [label] * len(files)
-  return FileSource(paths, labels, len(classes))
-
-
-def _read_table(path: str) -> dict[int, str]:
-  if not os.path.isfile(path):
-    raise ValueError(f'CUB file {path} does not exist; expected the CUB_200_2011 archive layout.')
-  table = {}
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        key, _, value = line.strip().partition(' ')
-        if not key.isdigit() or not value:
-          raise ValueError(f'{path}, line {number}: expected "<id> <value>", got {line.strip()!r}.')
-        table[int(key)] = value
-  return table
-
-
-def cub_source(root: str, split: str) -> FileSource:
-  """The original CUB_200_2011 layout: images/, images.txt, image_class_labels.txt,
-  train_test_split.txt (1 = train), classes.txt. Labels are 0-based."""
-  if split not in ('train', 'test'):
-    raise ValueError(f'CUB split must be "train" or "test", got {split!r}.')
-  images = _read_table(os.path.join(root, 'images.txt'))
-  labels = _read_table(os.path.join(root, 'image_class_labels.txt'))
-  is_train = _read_table(os.path.join(root, 'train_test_split.txt'))
-  classes = _read_table(os.path.join(root, 'classes.txt'))
-  for name, table in (('image_class_labels.txt', labels), ('train_test_split.txt', is_train)):
-    if set(table) != set(images):
-      diff = sorted(set(table) ^ set(images))[:5]
-      raise ValueError(f'{os.path.join(root, name)} and images.txt list different image ids '
-                       f'(for example {diff}).')
-  bad = sorted(i for i, c in labels.items() if not c.isdigit() or int(c) not in classes)[:5]
-  if bad:
-    raise ValueError(f'image_class_labels.txt gives image ids {bad} a class not in classes.txt.')
-  keep = sorted(i for i in images if (is_train[i].strip() == '1') == (split == 'train'))
-  class_ids = sorted(classes)
-  index = {c: k for k, c in enumerate(class_ids)}
-  return FileSource([os.path.join(root, 'images', images[i]) for i in keep],
-                    [index[int(labels[i])] for i in keep], len(class_ids))
-
-
-def digits_source(split: str, size: int = 32) -> ArraySource:
-  """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to size x size RGB.
-
-  A fixed 80/20 split (seed 0): 1,437 train and 360 test images, 10 classes.
-  """
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  if split not in ('train', 'test'):
-    raise ValueError(f'digits split must be "train" or "test", got {split!r}.')
-  if size % 8:
-    raise ValueError(f'digits image_size must be a multiple of 8, got {size}.')
-  digits = datasets.load_digits()
-  order = np.random.default_rng(0).permutation(len(digits.target))
-  cut = int(0.8 * len(order))
-  order = order[:cut] if split == 'train' else order[cut:]
-  images = (digits.images[order] * (255.0 / 16.0)).round().astype(np.uint8)
-  images = images.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
-  return ArraySource(np.repeat(images[..., None], 3, axis=-1), digits.target[order], 10)
-
-
-def get_source(config: ml_collections.ConfigDict, split: str):
-  """The source named by config.name: a TFDS name, 'folder', 'cub' or 'digits'."""
-  if config.name in TFDS_CLASSES:
-    return TfdsSource(config.name, split, config.get('data_dir'))
-  if config.name == 'folder':
-    few_shot = config.get('max_per_class') if split == config.get('train_split', 'train') else None
-    return folder_source(config.root, split, config.get('classes'), few_shot)
-  if config.name == 'cub':
-    return cub_source(config.root, split)
-  if config.name == 'digits':
-    return digits_source(split, config.image_size)
-  raise ValueError(f'Unknown data set {config.name!r}; expected one of {", ".join(SOURCES)}.')
 
 
 @dataclasses.dataclass(frozen=True)

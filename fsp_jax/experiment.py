@@ -15,7 +15,8 @@ import numpy as np
 
 from fsp_jax import checkpoints
 from fsp_jax import config as config_lib
-from fsp_jax import data, logs, methods, models, results, steps, trainer, workdir as workdir_lib
+from fsp_jax import data, logs, methods, models, results, sources, steps, trainer
+from fsp_jax import workdir as workdir_lib
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int, dtype: str):
@@ -98,8 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir's file system."""
   config_lib.validate(config)
   chosen = [methods.get(name) for name in config_lib.method_list(config)]
-  train_source = data.get_source(config.data, config.data.train_split)
-  eval_source = data.get_source(config.data, config.data.eval_split)
+  train_source = sources.get_source(config.data, config.data.train_split)
+  eval_source = sources.get_source(config.data, config.data.eval_split)
   config_lib.validate_data(config, train_source, eval_source)
   num_classes = train_source.num_classes
   teacher = methods.Student(build_model(config.teacher, config.teacher.num_classes or

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from fsp_jax import adapters, fsp, losses
+from fsp_jax.adapters import Student
 from fsp_jax.schedules import Schedule, schedule
 
 
@@ -97,33 +98,6 @@ class Phase:
   def cached_fsp(self) -> bool:
     """Whether batches bring the teacher's FSP matrices (config.fsp.cache)."""
     return any(dict(term.options).get('cached', False) for term in self.terms)
-
-
-class Student(nn.Module):
-  """A network and what distillation adds on its side: x -> (logits, features).
-
-  Attributes:
-    backbone: a `fsp_jax.models` network.
-    adapter: ((feature name, teacher width), ...): 1x1 conv + BN channel adapters applied to
-      the FSP features (for pairs whose widths differ).
-    hint: (feature name, teacher width): FitNet's regressor, its output in features['hint'].
-  """
-  backbone: nn.Module
-  adapter: tuple[tuple[str, int], ...] = ()
-  hint: tuple[str, int] | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    logits, features = self.backbone(x, train=train)
-    if self.hint:
-      name, width = self.hint
-      regressor = adapters.ChannelAdapter({name: width}, kernel_size=3, norm=False,
-                                          name='hint_regressor')
-      features = {**features, 'hint': regressor(features, train)[name]}
-    if self.adapter:
-      features = adapters.ChannelAdapter(dict(self.adapter), axis_name=self.backbone.axis_name,
-                                         name='adapter')(features, train)
-    return logits, features
 
 
 def _plain(config, backbone, mine, theirs) -> Student:

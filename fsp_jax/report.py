@@ -142,19 +142,28 @@ def comparison_table(rows: list[dict], paper: dict) -> str:
 
 
 def gains(rows: list[dict], paper: dict, baseline: str = 'scratch') -> list[str]:
-  """One line per method: its average minus the baseline's, here and in the paper."""
+  """One line per method: its average minus the baseline's, here and in the paper, and the
+  seed-paired differences (net k of each row shares seed k) with their mean, sample standard
+  deviation and sign count; then each row's gap to the teacher."""
   by_method = {row['method']: row for row in rows}
-  if baseline not in by_method:
-    return []
   lines = []
   for method, row in by_method.items():
-    if method in (baseline, 'teacher'):
+    if baseline not in by_method or method in (baseline, 'teacher'):
       continue
     ours = 100 * (row['avg'] - by_method[baseline]['avg'])
     line = f'- {_label(method)} - {_label(baseline)}: {ours:+.2f} points'
     if method in paper and baseline in paper:
       line += f' (paper: {paper[method][3] - paper[baseline][3]:+.2f})'
+    paired = [100 * (a - b) for a, b in zip(row['nets'], by_method[baseline]['nets'])]
+    if len(paired) > 1:
+      line += (f'; per seed {", ".join(f"{d:+.2f}" for d in paired)} (mean '
+               f'{np.mean(paired):+.2f}, sd {np.std(paired, ddof=1):.2f}; higher in '
+               f'{sum(d > 0 for d in paired)} of {len(paired)})')
     lines.append(line)
+  if 'teacher' in by_method:
+    teacher = by_method['teacher']['avg']
+    lines += [f'- Teacher - {_label(m)}: {100 * (teacher - row["avg"]):+.2f} points'
+              for m, row in by_method.items() if m != 'teacher']
   return lines
 
 
@@ -183,7 +192,8 @@ def write_report(runs: dict[str, str], out_dir: str, notes: str = '') -> str:
                  'Accuracy in %; #Iter sums the iterations of all nets of a row, stage 1 '
                  'included, as in the paper.\n')
     parts.append(comparison_table(run['rows'], paper) + '\n')
-    parts.append('Average accuracy over the student trained alone, here and in the paper:\n')
+    parts.append('Average accuracy over the student trained alone, here and in the paper, and '
+                 'the gap to the teacher:\n')
     parts.append('\n'.join(gains(run['rows'], paper)) + '\n')
     plot_accuracy(run, f'{name}: test accuracy during the task stage',
                   os.path.join(out_dir, f'{name}_accuracy.png'))

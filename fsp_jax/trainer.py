@@ -176,9 +176,10 @@ def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.Train
       writer.scalars(offset + done, {**{f'{phase.name}/{k}': v for k, v in metrics.items()},
                                      'train/images_per_s': rate})
       history['train'].append([offset + done, phase.name, metrics['loss']])
-    if evaluates and done % config.eval_every == 0 and done < phase.steps:  # The end: once,
-      result, _, _ = evaluate(run.student, replicated.variables(), ctx.eval_source,  # by
-                              ctx.preprocess, config.eval_batch_size)            # train_net.
+    # The end of the phase is evaluated once, by train_net.
+    if evaluates and done % config.eval_every == 0 and done < phase.steps:
+      result, _, _ = evaluate(run.student, replicated.variables(), ctx.eval_source,
+                              ctx.preprocess, config.eval_batch_size)
       writer.scalars(offset + done, {f'eval/{k}': v for k, v in result.items()})
       history['eval'].append([offset + done, result['accuracy']])
     if save or preempted:

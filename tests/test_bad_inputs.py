@@ -81,7 +81,8 @@ CASES = {  # name: ({key: value}, pattern of the error)
     'unknown hint': ({'methods': 'fitnet', 'fitnet.hint': 'stage9_out'}, r"config.fitnet.hint: "
                      r"'stage9_out' is not a feature of both networks"),
     'widths differ': ({'teacher.width': 2}, r"config.student.model='resnet8' \(width 1\) cannot "
-                      r"be paired with config.teacher.model='resnet26' \(width 2\).*student.adapter"),
+                      r"be paired with config.teacher.model='resnet26' \(width 2\)"
+                      r'.*student.adapter'),
     'stages differ': ({'student.model': 'resnet18'}, r'cannot be paired.*student has 4 FSP '
                       'matrices and the teacher 3'),
     'logits of other classes': ({'methods': 'kd', 'teacher.checkpoint': ROOT,

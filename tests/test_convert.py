@@ -5,8 +5,11 @@ import os
 import chex
 import numpy as np
 import pytest
-import torch
-from torch import nn
+
+torch = pytest.importorskip(
+    'torch', reason='PyTorch is not installed: the test extra installs its CPU build on Python '
+    '3.11 only (elsewhere pip would fetch a multi-GB CUDA build); pip install torch to run these')
+nn = torch.nn
 
 from fsp_jax import checkpoints, convert, models
 

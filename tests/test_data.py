@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from fsp_jax import data
+from fsp_jax import data, sources
 
 CIFAR10 = os.environ.get(
     'FSP_CIFAR10', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10'))
@@ -52,7 +52,7 @@ def _config(**kwargs):
                                               ('caltech_birds2011', 200)])
 def test_tfds_sources(name, num_classes):
   with tfds.testing.mock_data(num_examples=12):
-    source = data.get_source(_config(name=name), 'train')
+    source = sources.get_source(_config(name=name), 'train')
     assert len(source) == 12 and source.num_classes == num_classes
     preprocess = data.Preprocess(16, 'crop_flip' if name == 'caltech_birds2011' else 'cifar')
     hosts = [next(data.train_batches(source, preprocess, 8, seed=0, process_index=i,
@@ -68,14 +68,14 @@ def test_tfds_sources(name, num_classes):
 
 def test_unprepared_tfds_names_data_dir(tmp_path):
   with pytest.raises(ValueError, match=f"'cifar10'.*data_dir='{tmp_path}'.*tfds build"):
-    data.get_source(_config(name='cifar10', data_dir=str(tmp_path)), 'train')
+    sources.get_source(_config(name='cifar10', data_dir=str(tmp_path)), 'train')
 
 
 @pytest.fixture(scope='module')
 def cifar10_test():
   if not os.path.isdir(CIFAR10):
     pytest.skip(f'real CIFAR-10 not found at {CIFAR10} (set FSP_CIFAR10 to its folder)')
-  return data.folder_source(CIFAR10, 'test')
+  return sources.folder_source(CIFAR10, 'test')
 
 
 def test_real_cifar10_slice(cifar10_test):
@@ -89,7 +89,7 @@ def test_real_cifar10_slice(cifar10_test):
 
 def test_cub_layout(tmp_path):
   root = make_cub(str(tmp_path / 'CUB_200_2011'))
-  train, test = data.cub_source(root, 'train'), data.cub_source(root, 'test')
+  train, test = sources.cub_source(root, 'train'), sources.cub_source(root, 'test')
   assert (len(train), len(test), train.num_classes) == (4, 4, 3)
   # Odd ids are training images; class c of id i is (i - 1) % 3, 0-based.
   assert [os.path.basename(p) for p in train.paths] == ['img_1.jpg', 'img_3.jpg', 'img_5.jpg',
@@ -106,44 +106,44 @@ def test_cub_labels_disagree(tmp_path):
   with open(os.path.join(root, 'train_test_split.txt'), 'a') as f:
     f.write('99 1\n')
   with pytest.raises(ValueError, match=r'train_test_split.txt and images.txt.*\[99\]'):
-    data.cub_source(root, 'train')
+    sources.cub_source(root, 'train')
 
 
 def test_cub_missing_file(tmp_path):
   root = make_cub(str(tmp_path / 'cub'))
   os.remove(os.path.join(root, 'classes.txt'))
   with pytest.raises(ValueError, match='classes.txt does not exist'):
-    data.cub_source(root, 'train')
+    sources.cub_source(root, 'train')
 
 
 def test_folder_source_and_bad_input(tmp_path):
   root = make_folder(str(tmp_path / 'f'))
-  source = data.get_source(_config(name='folder', root=root), 'train')
+  source = sources.get_source(_config(name='folder', root=root), 'train')
   assert len(source) == 6 and list(source.labels) == [0, 0, 0, 1, 1, 1]
-  subset = data.folder_source(root, 'train', classes=['dog'], max_per_class=2)
+  subset = sources.folder_source(root, 'train', classes=['dog'], max_per_class=2)
   assert len(subset) == 2 and subset.num_classes == 1
   with pytest.raises(ValueError, match=r'f/test does not exist'):
-    data.folder_source(root, 'test')
+    sources.folder_source(root, 'test')
   with pytest.raises(ValueError, match=r"\['bird'\] not found"):
-    data.folder_source(root, 'train', classes=['bird'])
+    sources.folder_source(root, 'train', classes=['bird'])
   os.makedirs(os.path.join(root, 'train', 'empty'))
   with pytest.raises(ValueError, match=r'empty holds no images'):
-    data.folder_source(root, 'train')
+    sources.folder_source(root, 'train')
   with open(os.path.join(root, 'train', 'empty', 'broken.jpg'), 'wb') as f:
     f.write(b'not a jpeg at all')
   with pytest.raises(ValueError, match=r'broken.jpg'):
-    data.folder_source(root, 'train')
+    sources.folder_source(root, 'train')
 
 
 def test_unknown_names():
   with pytest.raises(ValueError, match="Unknown data set 'imagenet'.*cifar10.*digits"):
-    data.get_source(_config(name='imagenet'), 'train')
+    sources.get_source(_config(name='imagenet'), 'train')
   with pytest.raises(ValueError, match="augment 'autoaugment'.*cifar, crop_flip, none"):
     data.get_preprocess(_config(augment='autoaugment'))
 
 
 def test_digits():
-  train, test = data.digits_source('train'), data.digits_source('test')
+  train, test = sources.digits_source('train'), sources.digits_source('test')
   assert (len(train), len(test), train.num_classes) == (1437, 360, 10)
   image, label = train[0]
   assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and 0 <= label < 10
@@ -165,7 +165,7 @@ def test_cifar_augmentation():
 
 
 def test_hosts_read_disjoint_slices_that_cover_the_split():
-  source = data.ArraySource(np.zeros((10, 4, 4, 3), np.uint8), np.arange(10), 10)
+  source = sources.ArraySource(np.zeros((10, 4, 4, 3), np.uint8), np.arange(10), 10)
   preprocess = data.Preprocess(4, 'none')
   seen = []
   for host in range(2):
@@ -180,7 +180,7 @@ def test_hosts_read_disjoint_slices_that_cover_the_split():
 
 
 def test_same_seed_same_batches_and_resume():
-  source = data.digits_source('train')
+  source = sources.digits_source('train')
   preprocess = data.Preprocess(32, 'cifar')
   first = data.train_batches(source, preprocess, 16, seed=3)
   uninterrupted = [next(first) for _ in range(5)]

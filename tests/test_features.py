@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fsp_jax import data, features, fsp, losses, models
+from fsp_jax import data, features, fsp, losses, models, sources
 
 
 class SmallCnn(nn.Module):
@@ -31,7 +31,7 @@ POINTS = {'stage1_in': 'bn0', 'stage1_out': 'block1', 'stage2_in': 'block1',
 
 @pytest.fixture(scope='module')
 def images():
-  source = data.digits_source('train', 16)
+  source = sources.digits_source('train', 16)
   return next(data.eval_batches(source, data.Preprocess(16, 'none'), 32, 0, 1))['image']
 
 

@@ -1,6 +1,7 @@
 """Results tables and the report (tables beside the paper's, plots) from a finished workdir."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -35,7 +36,9 @@ def test_report_has_tables_beside_the_paper_and_plots(workdir, tmp_path):
     text = f.read()
   assert '| Method | Model | Net 1 | Net 2 | Avg | Ens | #Iter | Wall | Paper Avg |' in text
   assert '| FSP | resnet8 |' in text and '| 92.14 | 93.26 | 84k |' in text  # The paper's row.
-  assert '- FSP - Student alone: ' in text and '(paper: +1.50)' in text
+  assert '- FSP - Student alone: ' in text and '(paper: +1.50); per seed ' in text
+  assert re.search(r'\(mean [+-]\d+\.\d\d, sd \d+\.\d\d; higher in \d of 2\)', text)
+  assert '- Teacher - FSP: ' in text
   for name in ('table1_accuracy.png', 'table1_fsp_loss.png', 'table1_fsp_matrices.png'):
     assert f'({name})' in text
     with Image.open(os.path.join(out, name)) as image:

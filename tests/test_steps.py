@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from fsp_jax import data, experiment, methods, models, steps
+from fsp_jax import data, experiment, models, sources, steps
 from fsp_jax.methods import Phase, Schedule, Student, Term
 
 IMAGE_SIZE = 16
@@ -13,7 +13,7 @@ IMAGE_SIZE = 16
 
 @pytest.fixture(scope='module')
 def batch():
-  source = data.digits_source('train', IMAGE_SIZE)
+  source = sources.digits_source('train', IMAGE_SIZE)
   preprocess = data.Preprocess(IMAGE_SIZE, 'none')
   batch = next(data.train_batches(source, preprocess, 16, seed=0, process_index=0,
                                   process_count=1))
@@ -67,7 +67,7 @@ def test_stage1_halves_the_fsp_loss(batch):
 def test_cached_teacher_matrices_give_the_same_step(batch):
   """config.fsp.cache: matrices computed once per example replace the teacher pass."""
   teacher, teacher_variables = _settled_teacher(batch)
-  source = data.digits_source('train', IMAGE_SIZE)
+  source = sources.digits_source('train', IMAGE_SIZE)
   cache = experiment.teacher_fsp_cache(
       teacher, _on_devices(teacher_variables, jax.local_device_count()), source,
       data.Preprocess(IMAGE_SIZE, 'none'), 120)
