@@ -64,7 +64,7 @@ def measure(backbone, image_size: int, batch_size: int, steps_count: int) -> dic
     batch.pop('index')  # Sharded over the devices once, as the loop's prefetch does.
     batch = next(jax_utils.prefetch_to_device(
         iter([data.shard(batch, jax.local_device_count())]), 1))
-    replicated = jax_utils.replicate(state)
+    replicated = steps.replicate(state)
     for _ in range(3):  # Compiles, warms up.
       replicated, metrics = train_step(replicated, batch, None)
     jax.block_until_ready(metrics)

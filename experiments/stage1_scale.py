@@ -71,14 +71,14 @@ def _with_fsp(features):
   return features, fsp.fsp_matrices(features)
 
 
-def student_step_fn(model, normalize, lr):
+def student_step_fn(model, normalize, lr, scale):
   tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(lr, momentum=0.9))
 
   def loss_fn(params, batch_stats, images, g_teacher):
     (_, features), updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
                                          train=True, mutable=['batch_stats'])
     g_student = fsp.fsp_matrices(features)
-    loss = losses.fsp_l2(g_student, g_teacher, normalize=normalize)
+    loss = scale * losses.fsp_l2(g_student, g_teacher, normalize=normalize)
     last = max(k for k in features if k.endswith('_out'))
     alive = jnp.mean(jnp.any(features[last] > 0, axis=(0, 1, 2)))
     return loss, (updates['batch_stats'], g_student, alive)
@@ -119,7 +119,7 @@ def run_pair(pair, args, source):
       'student_matrix_rms': [rms(g) for g in g_student],
       'runs': {}}
   for normalize in args.normalize.split(','):
-    tx, step = student_step_fn(student, normalize, args.lr)
+    tx, step = student_step_fn(student, normalize, args.lr, args.scale)
     params, batch_stats = init['params'], init['batch_stats']
     opt_state = tx.init(params)
     start = time.time()
@@ -142,9 +142,9 @@ def run_pair(pair, args, source):
   return result
 
 
-def markdown(results, steps, lr) -> str:
+def markdown(results, steps, lr, scale) -> str:
   lines = ['| pair | teacher | matrices | teacher G rms | student G rms | normalize | loss@1 | '
-           f'grad norm@1 | rel. error 1 -> {steps} (lr {lr:g}) | alive@{steps} |',
+           f'grad norm@1 | rel. error 1 -> {steps} (lr {lr:g}, weight {scale:g}) | alive@{steps} |',
            '|' + '---|' * 10]
   for r in results:
     shapes = ' '.join('x'.join(map(str, s)) for s in r['matrix_shapes'])
@@ -172,14 +172,15 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--batches', type=int, default=10, help='distinct batches, cycled')
   parser.add_argument('--lr', type=float, default=1e-3)
+  parser.add_argument('--scale', type=float, default=1.0, help='the loss weight (lambda)')
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   source = sources.folder_source(args.data, 'test', max_per_class=100)
   results = []
   for pair in args.pairs.split(','):
     results.append(run_pair(pair, args, source))
-    print(markdown(results[-1:], args.steps, args.lr), flush=True)
-  print(markdown(results, args.steps, args.lr))
+    print(markdown(results[-1:], args.steps, args.lr, args.scale), flush=True)
+  print(markdown(results, args.steps, args.lr, args.scale))
   if args.out:
     with open(args.out, 'w') as f:
       json.dump({'args': vars(args), 'results': results}, f, indent=1)

@@ -8,7 +8,6 @@ experiment resumes where it stopped.
 import os
 import time
 
-from flax import jax_utils
 import jax
 import ml_collections
 import numpy as np
@@ -51,7 +50,7 @@ def build_student(method: methods.Method, config: ml_collections.ConfigDict, num
 def load_teacher(path: str, teacher: methods.Student, image_size: int) -> dict:
   """The teacher's {'params', 'batch_stats'} from a checkpoint of its network, replicated."""
   variables = checkpoints.load_variables(path, teacher.backbone, image_size)
-  return jax_utils.replicate({kind: {'backbone': v} for kind, v in variables.items()})
+  return steps.replicate({kind: {'backbone': v} for kind, v in variables.items()})
 
 
 def teacher_fsp_cache(teacher, variables, source, preprocess, batch_size: int) -> tuple:

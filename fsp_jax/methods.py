@@ -114,10 +114,10 @@ def _fsp_student(config, backbone, mine, theirs) -> Student:
   if adapter:
     mine = features_of(student, next(iter(theirs.values())).shape[1])
   matrices = [jax.eval_shape(fsp.fsp_matrices, f) for f in (mine, theirs)]
-  weights = config.fsp.weights
+  weights = config.fsp.stage_weights
   if weights is not None and len(weights) != len(matrices[1]):
-    raise ValueError(f'config.fsp.weights: expected {len(matrices[1])} weights, one per FSP '
-                     f'matrix of these networks, got {weights}.')
+    raise ValueError(f'config.fsp.stage_weights: expected {len(matrices[1])} weights, one per '
+                     f'FSP matrix of these networks, got {weights}.')
   jax.eval_shape(losses.fsp_l2, *matrices)
   return student
 
@@ -181,10 +181,10 @@ def _train(sched, *terms) -> tuple[Phase, ...]:
 
 def _fsp_phases(config, shuffled: bool = False) -> tuple[Phase, ...]:
   c = config.fsp
-  options = (('normalize', c.normalize), ('weights', c.weights),
+  options = (('normalize', c.normalize), ('weights', c.stage_weights),
              ('shuffle_seed', c.shuffle_seed if shuffled else None))
   task = (Term('fsp', (c.task_weight,) * 2, options),) if c.task_weight else ()
-  return (Phase('stage1', Schedule.of(c.stage1), (Term('fsp', options=options + (
+  return (Phase('stage1', Schedule.of(c.stage1), (Term('fsp', (c.weight,) * 2, options + (
       ('cached', c.cache),)),)),
           Phase('stage2', Schedule.of(c.stage2), (Term('ce'),) + task))
 
@@ -216,10 +216,11 @@ def _check_fsp(config) -> None:
   if c.normalize not in losses.FSP_NORMALIZATIONS:
     _fail('fsp.normalize', f'unknown {c.normalize!r}; expected one of '
           f'{", ".join(losses.FSP_NORMALIZATIONS)}.')
-  if c.weights is not None and (not isinstance(c.weights, tuple) or any(
-      not isinstance(w, (int, float)) or w < 0 for w in c.weights)):
-    _fail('fsp.weights', f'expected a tuple of weights >= 0, one per FSP matrix, or None '
-          f'(all equal), got {c.weights!r}.')
+  _number(config, 'fsp.weight', 0, strict=True)
+  if c.stage_weights is not None and (not isinstance(c.stage_weights, tuple) or any(
+      not isinstance(w, (int, float)) or w < 0 for w in c.stage_weights)):
+    _fail('fsp.stage_weights', f'expected a tuple of weights >= 0, one per FSP matrix, or None '
+          f'(all equal), got {c.stage_weights!r}.')
   if not isinstance(c.shuffle_seed, int) or c.shuffle_seed < 0:
     _fail('fsp.shuffle_seed', f'expected an integer >= 0, got {c.shuffle_seed!r}.')
   _number(config, 'fsp.task_weight', 0, strict=False)
@@ -243,8 +244,12 @@ def _fsp_defaults():
   return ml_collections.ConfigDict({
       'stage1': schedule((1e-3, 1e-4, 1e-5), (11_000, 16_000, 21_000)),
       'stage2': schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000)),
-      # lambda_i, one per FSP matrix; None: all equal (the paper).
-      'weights': ml_collections.FieldReference(None, field_type=tuple),
+      # The stage-1 loss is weight * losses.fsp_l2: with the 'teacher' normalisation each
+      # stage's term is a relative error (about 1 at the start, like a cross-entropy), and the
+      # paper's stage-1 rates are 1/100 of its task rates; 100 gives them the task's effect.
+      'weight': 100.0,
+      # Relative weights of the stages, one per FSP matrix; None: all equal (the paper).
+      'stage_weights': ml_collections.FieldReference(None, field_type=tuple),
       # losses.fsp_l2's normalisation: 'teacher' (each stage's relative error), 'entries' or
       # 'none' (the literal sum, whose scale differs between pairs by orders of magnitude).
       'normalize': 'teacher',

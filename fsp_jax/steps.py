@@ -11,6 +11,7 @@ import functools
 from typing import Any
 
 import flax
+from flax import jax_utils
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -45,6 +46,18 @@ def optimizer(sched: schedules.Schedule, weight_decay: float,
 def learning_rate(opt_state) -> jnp.ndarray:
   """The rate of the optimizer's latest update (of the first one, before any)."""
   return opt_state[1].hyperparams['learning_rate']
+
+
+@functools.cache
+def _placed_as_outputs():
+  return jax.pmap(lambda tree: tree, axis_name='batch', donate_argnums=0)
+
+
+def replicate(tree):
+  """tree copied to every local device, placed as the pmapped steps return their outputs: a
+  step's first call then compiles what its later calls use (jax_utils.replicate alone places
+  arrays on another mesh, so that the second call compiles the step again)."""
+  return _placed_as_outputs()(jax_utils.replicate(tree))
 
 
 def init_variables(model: Student, rng: jax.Array, image_size: int) -> dict:

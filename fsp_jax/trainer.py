@@ -157,7 +157,7 @@ def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.Train
   train_step = steps.make_train_step(run.student, run.teacher, phase, tx)
   evaluates = any(term.name == 'ce' for term in phase.terms) and config.eval_every
   batches = _batches(ctx, run, phase, start)
-  replicated = jax_utils.replicate(state)
+  replicated = steps.replicate(state)
   progress, pending = logs.Progress(where, start, phase.steps, config.batch_size), []
   for step in range(start, phase.steps):
     replicated, metrics = train_step(replicated, next(batches), run.teacher_variables)
@@ -249,7 +249,7 @@ def train_net(ctx: Context, run: Run) -> dict:
       snapshot['after'] = mean_fsp_matrices(run.student, state.variables(), images['image'])
       np.savez(os.path.join(run_dir, 'fsp_matrices.npz'),
                **{f'{when}_{k}': g for when, gs in snapshot.items() for k, g in enumerate(gs)})
-  metrics, probs, labels = evaluate(run.student, jax_utils.replicate(state.variables()),
+  metrics, probs, labels = evaluate(run.student, steps.replicate(state.variables()),
                                     ctx.eval_source, ctx.preprocess, config.eval_batch_size)
   history['eval'].append([offset, metrics['accuracy']])
   writer.scalars(offset, {f'eval/{k}': v for k, v in metrics.items()})

@@ -67,9 +67,11 @@ CASES = {  # name: ({key: value}, pattern of the error)
     'warmup too long': ({'fsp.stage1.warmup': 100}, r'config.fsp.stage1.warmup: expected an '
                         r'integer in \[0, 3\)'),
     'unknown normalisation': ({'fsp.normalize': 'l1'}, r"config.fsp.normalize: unknown 'l1'"),
-    'fsp weights count': ({'fsp.weights': (1.0, 1.0)}, r'config.fsp.weights: expected 3 weights'),
-    'negative fsp weight': ({'fsp.weights': (-1.0, 1.0, 1.0)}, r'config.fsp.weights: expected a '
-                            'tuple of weights >= 0'),
+    'fsp weights count': ({'fsp.stage_weights': (1.0, 1.0)}, r'config.fsp.stage_weights: '
+                          'expected 3 weights'),
+    'negative stage weight': ({'fsp.stage_weights': (-1.0, 1.0, 1.0)},
+                              r'config.fsp.stage_weights: expected a tuple of weights >= 0'),
+    'fsp weight 0': ({'fsp.weight': 0.0}, r'config.fsp.weight: expected a number > 0'),
     'negative task weight': ({'fsp.task_weight': -1.0}, r'config.fsp.task_weight: expected a '
                              'number >= 0'),
     'negative shuffle seed': ({'fsp.shuffle_seed': -3}, r'config.fsp.shuffle_seed: expected'),

@@ -43,7 +43,7 @@ def test_fsp_has_the_papers_two_stages(config):
   options = {'normalize': config.fsp.normalize, 'weights': None, 'shuffle_seed': None}
   assert _summary('fsp', config) == [
       ('stage1', ((1e-3, 1e-4, 1e-5), (11_000, 16_000, 21_000), 0, 'step'),
-       (('fsp', (1.0, 1.0), {**options, 'cached': False}),)),
+       (('fsp', (100.0, 100.0), {**options, 'cached': False}),)),
       ('stage2', ((0.1, 0.01, 0.001), (11_000, 16_000, 21_000), 0, 'step'),
        (('ce', (1.0, 1.0), {}),))]
   config.fsp.task_weight, config.fsp.cache = 0.5, True

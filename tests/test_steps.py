@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from fsp_jax import config as config_lib
 from fsp_jax import data, experiment, models, sources, steps
 from fsp_jax.methods import Phase, Schedule, Student, Term
 
@@ -30,8 +31,13 @@ def _on_devices(tree, devices):
   return jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * devices), tree)
 
 
+FSP_WEIGHT = config_lib.default().fsp.weight  # The stage-1 term's weight in experiments.
+
+
 def _phase(term, lr, steps=20, **options):
-  return Phase('stage1', Schedule((lr,), (steps,)), (Term(term, options=tuple(options.items())),))
+  weight = FSP_WEIGHT if term == 'fsp' else 1.0
+  return Phase('stage1', Schedule((lr,), (steps,)),
+               (Term(term, (weight, weight), tuple(options.items())),))
 
 
 def _state(student, phase, devices=1):
