@@ -318,8 +318,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method('at', 'Attention transfer', 'tab:olive', lambda c: _train(c.at.schedule, Term(
         'at', (c.at.weight,) * 2)), student=_at_student, section='at', defaults=_at_defaults,
            check=_check_at),
-    # Table 5's teacher rows: its network fine-tuned from its weights with a new classifier,
-    # and trained on the task alone with the student's schedule (config.scratch).
+    # Table 5's teacher rows: its network fine-tuned from its weights (a new classifier for a
+    # teacher of other classes), and trained on the task alone with the student's schedule
+    # (config.scratch).
     Method('finetune', 'Teacher net, fine-tuned', 'tab:red', lambda c: _train(c.finetune),
            network='teacher', starts_from_teacher=True, section='finetune',
            defaults=lambda: schedule((0.01, 0.001, 0.0001), (11_000, 16_000, 21_000))),

@@ -193,9 +193,12 @@ def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.Train
   return jax.device_get(jax_utils.unreplicate(replicated)), history
 
 
-def start_from(state: steps.TrainState, pretrained) -> steps.TrainState:
-  """state with its backbone's variables from `pretrained`, but for a new classifier head."""
-  params = dict(pretrained['params']['backbone'], head=state.params['backbone']['head'])
+def start_from(state: steps.TrainState, pretrained, keep_head: bool) -> steps.TrainState:
+  """state with its backbone's variables from `pretrained`; its classifier head too where
+  keep_head (a network of the data set's own classes), else a new one."""
+  params = dict(pretrained['params']['backbone'])
+  if not keep_head:
+    params['head'] = state.params['backbone']['head']
   return state.replace(params={**state.params, 'backbone': params},
                        batch_stats={**state.batch_stats,
                                     'backbone': pretrained['batch_stats']['backbone']})
@@ -229,7 +232,8 @@ def train_net(ctx: Context, run: Run) -> dict:
                                    steps.optimizer(phases[0].schedule, config.weight_decay,
                                                    config.momentum))
   if run.method.starts_from_teacher:
-    state = start_from(state, jax_utils.unreplicate(run.teacher_variables))
+    state = start_from(state, jax_utils.unreplicate(run.teacher_variables),
+                       keep_head=not config.teacher.num_classes)
   writer = logs.Writer(os.path.join(ctx.workdir, 'tensorboard', run.label.replace(' ', '_')))
   snapshot = {}
   if phases[0].name == 'stage1' and phases[0].terms[0].name == 'fsp':  # For the heatmaps.

@@ -48,7 +48,9 @@ def test_config_validates_and_pairs(name, arg, monkeypatch, tmp_path):
   config = _load(name, arg)
   if config.data.root and not os.path.isdir(config.data.root):
     pytest.skip(f'{config.data.root} is absent here')
-  if config.teacher.checkpoint and not os.path.isdir(config.teacher.checkpoint):
+  needs_checkpoint = config.teacher.num_classes and not config.teacher.checkpoint
+  if needs_checkpoint or (config.teacher.checkpoint
+                          and not os.path.isdir(config.teacher.checkpoint)):
     # Given on the command line or made by another experiment (a source task): validation
     # checks that the folder exists; pairing needs only the teacher's shapes.
     config.teacher.checkpoint = str(tmp_path)

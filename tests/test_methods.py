@@ -83,12 +83,12 @@ def test_kd_and_finetune(config):
   assert _summary('finetune', config)[0][1][0] == (0.01, 0.001, 0.0001)
 
 
-def test_start_from_copies_the_backbone_but_the_head():
+def test_start_from_copies_the_backbone_and_the_head_of_the_same_classes():
   model = methods.Student(models.get('resnet8', 10))
   tx = steps.optimizer(methods.Schedule((0.1,), (1,)), 0.0, 0.9)
   fresh = steps.create_train_state(model, jax.random.key(0), 16, tx)
   pretrained = steps.create_train_state(model, jax.random.key(1), 16, tx).variables()
-  started = trainer.start_from(fresh, pretrained)
+  started = trainer.start_from(fresh, pretrained, keep_head=False)
   backbone, old = started.params['backbone'], pretrained['params']['backbone']
   for name in backbone:
     same = jax.tree_util.tree_map(np.array_equal, backbone[name], (
@@ -97,6 +97,9 @@ def test_start_from_copies_the_backbone_but_the_head():
   assert not np.array_equal(backbone['head']['kernel'], old['head']['kernel'])
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(
       np.array_equal, started.batch_stats, pretrained['batch_stats']))
+  restarted = trainer.start_from(fresh, pretrained, keep_head=True)  # The same classes.
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      np.array_equal, restarted.params, pretrained['params']))
 
 
 def test_students_get_what_their_method_adds(config):
