@@ -156,20 +156,35 @@ def shard(batch: dict, num_devices: int) -> dict:
 
 
 def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
-  """Runs iterator in a background thread, keeping up to size items ready."""
+  """Runs iterator in a background thread, keeping up to size items ready. The thread ends
+  with the iterator, or as soon as this generator is closed or dropped (a finished phase)."""
   items: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
+  stop, done = threading.Event(), object()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
 
   def produce():
     try:
       for item in iterator:
-        items.put(item)
+        if not put(item):
+          return
     except Exception as e:  # pylint: disable=broad-except
-      items.put(e)
-    items.put(done)
+      put(e)
+      return
+    put(done)
 
-  threading.Thread(target=produce, daemon=True).start()
-  while (item := items.get()) is not done:
-    if isinstance(item, Exception):
-      raise item
-    yield item
+  threading.Thread(target=produce, name='fsp_jax-prefetch', daemon=True).start()
+  try:
+    while (item := items.get()) is not done:
+      if isinstance(item, Exception):
+        raise item
+      yield item
+  finally:
+    stop.set()

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (set before JAX starts), a compilation cache shared by the
-workers and the main.py subprocesses, experiments/ on the path, and quick hypothesis settings."""
+workers and the main.py subprocesses (in memory, each test frees what it compiled),
+experiments/ on the path, and quick hypothesis settings."""
 
 import os
 import sys
@@ -17,6 +18,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 'experiments'))
 
 import hypothesis  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 hypothesis.settings.register_profile('fsp', deadline=None, max_examples=25)
 hypothesis.settings.load_profile('fsp')
+
+
+@pytest.fixture(autouse=True)
+def _no_compiled_programs_from_earlier_tests():
+  """Frees what a test compiled (about 0.7 GB per experiment config, held by JAX's caches and
+  the step factories' in steps.py), so that a worker's memory stays that of one test; the
+  disk cache above keeps compiling them again cheap."""
+  yield
+  import jax  # pylint: disable=g-import-not-at-top
+  from fsp_jax import steps  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  for factory in vars(steps).values():
+    if hasattr(factory, 'cache_clear'):
+      factory.cache_clear()

@@ -1,6 +1,8 @@
 """Data sources, augmentation, host slicing, determinism and bad input."""
 
+import itertools
 import os
+import threading
 
 import ml_collections
 import numpy as np
@@ -212,3 +214,17 @@ def test_prefetch_keeps_order_and_raises():
     raise ValueError('broken input')
   with pytest.raises(ValueError, match='broken input'):
     list(data.prefetch(failing()))
+
+
+def test_prefetch_thread_ends_when_its_consumer_stops():
+  """A phase stops reading an endless batch stream: its thread must not stay blocked."""
+  def threads():
+    return [t for t in threading.enumerate() if t.name == 'fsp_jax-prefetch']
+
+  before = len(threads())
+  batches = data.prefetch(itertools.count())
+  assert [next(batches) for _ in range(3)] == [0, 1, 2] and len(threads()) == before + 1
+  batches.close()
+  for thread in threads():
+    thread.join(timeout=5)
+  assert len(threads()) == before

@@ -81,7 +81,7 @@ def tiny(config: ml_collections.ConfigDict, image_size: int = 16) -> ml_collecti
   config.teacher.num_nets = 1
   config.log_every = 1
   config.eval_every = 0
-  config.checkpoint_every = 2
+  config.checkpoint_every = 10
   for sched in schedules.find(config).values():
     sched.until = tuple(range(1, len(sched.lrs) + 1))
     sched.warmup = 0
