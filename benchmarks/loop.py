@@ -29,13 +29,15 @@ from fsp_jax import data, logs, methods, models, sources, steps, trainer
 
 
 class Trivial(nn.Module):
-  """A step that does almost nothing: one Dense layer, no features."""
+  """A step that does almost nothing: one Dense layer and a BatchNorm on its 10 outputs (the
+  train state holds batch statistics), no features."""
   num_classes: int = 10
   axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2))), {}
+    logits = nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+    return nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(logits), {}
 
 
 def _setup(backbone, image_size: int, batch_size: int, steps_count: int, workdir: str):
@@ -91,6 +93,7 @@ def main():
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, 128, args.steps)
+  print(f'ResNet-8: {resnet}', flush=True)
   trivial = measure(Trivial(axis_name='batch'), 8, 8, args.trivial_steps)
   result = {'machine': f'{platform.machine()}, {os.cpu_count()} cores',
             'devices': [str(d) for d in jax.local_devices()], 'jax': jax.__version__,
