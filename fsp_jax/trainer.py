@@ -108,6 +108,12 @@ def evaluate(model, variables, source, preprocess, batch_size: int):
   return metrics, probs[masks], labels[masks]
 
 
+def _report_eval(where: str, step: int, metrics: dict, writer: logs.Writer) -> None:
+  logs.say(f'[{where}] step {step}: test accuracy {100 * metrics["accuracy"]:.2f}%, '
+           f'loss {metrics["loss"]:.4f}')
+  writer.scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+
+
 def _check_finite(fetched: list[dict], first_step: int, where: str, last_saved: str) -> None:
   """Stops the run, naming the step and terms, at the first NaN/Inf in fetched metrics."""
   for step, metrics in enumerate(fetched, first_step):
@@ -180,7 +186,7 @@ def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.Train
     if evaluates and done % config.eval_every == 0 and done < phase.steps:
       result, _, _ = evaluate(run.student, replicated.variables(), ctx.eval_source,
                               ctx.preprocess, config.eval_batch_size)
-      writer.scalars(offset + done, {f'eval/{k}': v for k, v in result.items()})
+      _report_eval(where, offset + done, result, writer)
       history['eval'].append([offset + done, result['accuracy']])
     if save or preempted:
       saved.save(done, jax.device_get(jax_utils.unreplicate(replicated)), history)
@@ -256,7 +262,7 @@ def train_net(ctx: Context, run: Run) -> dict:
   metrics, probs, labels = evaluate(run.student, steps.replicate(state.variables()),
                                     ctx.eval_source, ctx.preprocess, config.eval_batch_size)
   history['eval'].append([offset, metrics['accuracy']])
-  writer.scalars(offset, {f'eval/{k}': v for k, v in metrics.items()})
+  _report_eval(run.label, offset, metrics, writer)
   writer.close()
   export = {'params': state.params['backbone'], 'batch_stats': state.batch_stats['backbone']}
   checkpointer = ocp.StandardCheckpointer()
