@@ -57,3 +57,13 @@ def test_report_rejects_unknown_tables_and_unfinished_workdirs(workdir, tmp_path
   for item in (f'table9={workdir}', f'table1={tmp_path}'):
     with pytest.raises(SystemExit):
       report.main(['--out', str(tmp_path / 'r'), item])
+
+
+def test_table_row_gives_one_nets_iterations_and_all_nets_wall_time():
+  finished = [{'method': 'fsp', 'model': 'resnet8', 'accuracy': a, 'iterations': 240,
+               'wall_s': 60.0} for a in (0.5, 0.7)]
+  labels = np.array([0, 1])
+  probs = [np.array([[0.9, 0.1], [0.6, 0.4]]), np.array([[0.8, 0.2], [0.1, 0.9]])]
+  row = results.table_row(finished, probs, labels)
+  assert row['iterations'] == 240 and row['wall_s'] == 120.0
+  assert row['avg'] == pytest.approx(0.6) and row['ensemble'] == 1.0
