@@ -27,7 +27,7 @@ hypothesis.settings.load_profile('fsp')
 @pytest.fixture(autouse=True)
 def _no_compiled_programs_from_earlier_tests():
   """Frees what a test compiled (about 0.7 GB per experiment config, held by JAX's caches and
-  the step factories' in steps.py), so that a worker's memory stays that of one test; the
+  the step factories' caches in steps.py), so that a worker's memory stays that of one test; the
   disk cache above keeps compiling them again cheap."""
   yield
   import jax  # pylint: disable=g-import-not-at-top

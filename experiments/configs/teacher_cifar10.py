@@ -43,7 +43,8 @@ def get_config(arg=None):
 
 
 def _restart(config):
-  """A second cosine cycle from the first one's model (given as config.teacher.checkpoint)."""
+  """A second cosine cycle from the committed first cycle's model (another one: give
+  --config.teacher.checkpoint)."""
   config.methods = 'finetune'
   config.num_nets = 1
   config.teacher.checkpoint = CYCLE1
