@@ -40,6 +40,12 @@ PAIRS = {  # name: (teacher, student, width, image size, teacher classes)
 }
 
 
+def alive(features) -> jnp.ndarray:
+  """Fraction of the last stage's output units positive on some image of the batch."""
+  last = max(k for k in features if k.endswith('_out'))
+  return jnp.mean(jnp.any(features[last] > 0, axis=(0, 1, 2)))
+
+
 def rms(x) -> float:
   return float(jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
 
@@ -71,25 +77,24 @@ def _with_fsp(features):
   return features, fsp.fsp_matrices(features)
 
 
-def student_step_fn(model, normalize, lr, scale):
-  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(lr, momentum=0.9))
+def student_step_fn(model, normalize, lr, scale, clip):
+  clipping = [optax.clip_by_global_norm(clip)] if clip else []
+  tx = optax.chain(*clipping, optax.add_decayed_weights(1e-4), optax.sgd(lr, momentum=0.9))
 
   def loss_fn(params, batch_stats, images, g_teacher):
     (_, features), updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
                                          train=True, mutable=['batch_stats'])
     g_student = fsp.fsp_matrices(features)
     loss = scale * losses.fsp_l2(g_student, g_teacher, normalize=normalize)
-    last = max(k for k in features if k.endswith('_out'))
-    alive = jnp.mean(jnp.any(features[last] > 0, axis=(0, 1, 2)))
-    return loss, (updates['batch_stats'], g_student, alive)
+    return loss, (updates['batch_stats'], g_student, alive(features))
 
   @jax.jit
   def step(params, batch_stats, opt_state, images, g_teacher):
-    (loss, (batch_stats, g_student, alive)), grads = jax.value_and_grad(
+    (loss, (batch_stats, g_student, alive_units)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params, batch_stats, images, g_teacher)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, batch_stats, opt_state, loss, optax.tree.norm(grads), g_student, alive
+    return params, batch_stats, opt_state, loss, optax.tree.norm(grads), g_student, alive_units
 
   return tx, step
 
@@ -116,20 +121,21 @@ def run_pair(pair, args, source):
       'student_feature_rms': {k: rms(v) for k, v in s_features.items()},
       'matrix_shapes': [list(g.shape[1:]) for g in g_teacher],
       'teacher_matrix_rms': [rms(g) for g in g_teacher],
+      'teacher_alive': float(alive(t_features)),
       'student_matrix_rms': [rms(g) for g in g_student],
       'runs': {}}
   for normalize in args.normalize.split(','):
-    tx, step = student_step_fn(student, normalize, args.lr, args.scale)
+    tx, step = student_step_fn(student, normalize, args.lr, args.scale, args.clip)
     params, batch_stats = init['params'], init['batch_stats']
     opt_state = tx.init(params)
     start = time.time()
     trace = []
     for k in range(args.steps):
       x, target = images[k % len(images)], targets[k % len(images)]
-      params, batch_stats, opt_state, loss, grad_norm, g_s, alive = step(
+      params, batch_stats, opt_state, loss, grad_norm, g_s, alive_units = step(
           params, batch_stats, opt_state, x, target)
       trace.append({'loss': float(loss), 'grad_norm': float(grad_norm),
-                    'relative_error': relative_error(g_s, target), 'alive': float(alive)})
+                    'relative_error': relative_error(g_s, target), 'alive': float(alive_units)})
       if not np.isfinite(trace[-1]['loss']) or not np.isfinite(trace[-1]['grad_norm']):
         break
     result['runs'][normalize] = {
@@ -142,9 +148,12 @@ def run_pair(pair, args, source):
   return result
 
 
-def markdown(results, steps, lr, scale) -> str:
+def markdown(results, args) -> str:
+  steps, lr, scale = args.steps, args.lr, args.scale
+  clip = f', clip {args.clip:g}' if args.clip else ''
   lines = ['| pair | teacher | matrices | teacher G rms | student G rms | normalize | loss@1 | '
-           f'grad norm@1 | rel. error 1 -> {steps} (lr {lr:g}, weight {scale:g}) | alive@{steps} |',
+           f'grad norm@1 | rel. error 1 -> {steps} (lr {lr:g}, weight {scale:g}{clip}) | '
+           f'alive@{steps} (teacher) |',
            '|' + '---|' * 10]
   for r in results:
     shapes = ' '.join('x'.join(map(str, s)) for s in r['matrix_shapes'])
@@ -156,7 +165,7 @@ def markdown(results, steps, lr, scale) -> str:
           f"{' '.join(f'{v:.3g}' for v in r['teacher_matrix_rms'])} | "
           f"{' '.join(f'{v:.3g}' for v in r['student_matrix_rms'])} | {normalize} | "
           f"{run['first_loss']:.3g} | {run['first_grad_norm']:.3g} | {end} | "
-          f"{run['alive_last']:.2f} |")
+          f"{run['alive_last']:.2f} ({r['teacher_alive']:.2f}) |")
   return '\n'.join(lines)
 
 
@@ -173,14 +182,16 @@ def main():
   parser.add_argument('--batches', type=int, default=10, help='distinct batches, cycled')
   parser.add_argument('--lr', type=float, default=1e-3)
   parser.add_argument('--scale', type=float, default=1.0, help='the loss weight (lambda)')
+  parser.add_argument('--clip', type=float, default=0.0,
+                      help="the loss gradient's global norm is clipped to this (0: no clipping)")
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   source = sources.folder_source(args.data, 'test', max_per_class=100)
   results = []
   for pair in args.pairs.split(','):
     results.append(run_pair(pair, args, source))
-    print(markdown(results[-1:], args.steps, args.lr, args.scale), flush=True)
-  print(markdown(results, args.steps, args.lr, args.scale))
+    print(markdown(results[-1:], args), flush=True)
+  print(markdown(results, args))
   if args.out:
     with open(args.out, 'w') as f:
       json.dump({'args': vars(args), 'results': results}, f, indent=1)

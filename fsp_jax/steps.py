@@ -33,11 +33,14 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 @functools.cache
-def optimizer(sched: schedules.Schedule, weight_decay: float,
-              momentum: float) -> optax.GradientTransformation:
+def optimizer(sched: schedules.Schedule, weight_decay: float, momentum: float,
+              max_grad_norm: float = 0.0) -> optax.GradientTransformation:
   """SGD with momentum and L2 weight decay added to the gradient (coupled), as in the ResNet
-  recipe the paper follows; the learning rate (in the state's hyperparams) follows sched."""
+  recipe the paper follows; the learning rate (in the state's hyperparams) follows sched. A
+  max_grad_norm > 0 first scales the loss's gradient down to at most that global norm."""
+  clipping = (optax.clip_by_global_norm(max_grad_norm),) if max_grad_norm else ()
   return optax.chain(
+      *clipping,
       optax.add_decayed_weights(weight_decay),
       optax.inject_hyperparams(optax.sgd)(learning_rate=schedules.to_optax(sched),
                                           momentum=momentum))
@@ -45,7 +48,7 @@ def optimizer(sched: schedules.Schedule, weight_decay: float,
 
 def learning_rate(opt_state) -> jnp.ndarray:
   """The rate of the optimizer's latest update (of the first one, before any)."""
-  return opt_state[1].hyperparams['learning_rate']
+  return opt_state[-1].hyperparams['learning_rate']
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import optax
 
 from fsp_jax import checkpoints, data, fsp, logs, methods, steps
 
@@ -142,6 +143,11 @@ def _batches(ctx: Context, run: Run, phase: methods.Phase, start: int):
   return jax_utils.prefetch_to_device(map(with_teacher_fsp, data.prefetch(batches)), 2)
 
 
+def phase_optimizer(config, phase: methods.Phase) -> optax.GradientTransformation:
+  return steps.optimizer(phase.schedule, config.weight_decay, config.momentum,
+                         phase.max_grad_norm)
+
+
 def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.TrainState,
                 history: dict, offset: int, writer: logs.Writer):
   """Trains one phase from its latest checkpoint (or from `state`) to its end.
@@ -159,7 +165,7 @@ def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.Train
     return state, history
   last_saved = f'the last good checkpoint is step {start} in {saved.directory}' if start else \
       'no checkpoint of this phase was saved yet'
-  tx = steps.optimizer(phase.schedule, config.weight_decay, config.momentum)
+  tx = phase_optimizer(config, phase)
   train_step = steps.make_train_step(run.student, run.teacher, phase, tx)
   evaluates = any(term.name == 'ce' for term in phase.terms) and config.eval_every
   batches = _batches(ctx, run, phase, start)
@@ -235,8 +241,7 @@ def train_net(ctx: Context, run: Run) -> dict:
   phases = run.method.phases(config)
   state = steps.create_train_state(run.student, jax.random.key(config.seed + run.net),
                                    config.data.image_size,
-                                   steps.optimizer(phases[0].schedule, config.weight_decay,
-                                                   config.momentum))
+                                   phase_optimizer(config, phases[0]))
   if run.method.starts_from_teacher:
     state = start_from(state, jax_utils.unreplicate(run.teacher_variables),
                        keep_head=not config.teacher.num_classes)
@@ -250,7 +255,7 @@ def train_net(ctx: Context, run: Run) -> dict:
   history, offset = {'train': [], 'eval': []}, 0
   for phase in phases:
     if offset:  # A new phase keeps the weights and starts a fresh optimizer.
-      tx = steps.optimizer(phase.schedule, config.weight_decay, config.momentum)
+      tx = phase_optimizer(config, phase)
       state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=state.params,
                                batch_stats=state.batch_stats, opt_state=tx.init(state.params))
     state, history = train_phase(ctx, run, phase, state, history, offset, writer)

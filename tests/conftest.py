@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices (set before JAX starts), a compilation cache shared by the
+"""Test setup: 4 fake CPU devices (set before JAX starts), a compilation cache shared by the
 workers and the main.py subprocesses (in memory, each test frees what it compiled),
 experiments/ on the path, and quick hypothesis settings."""
 
@@ -7,7 +7,7 @@ import sys
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+                           ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'fsp_jax_tests_xla_cache'))
@@ -22,6 +22,12 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 hypothesis.settings.register_profile('fsp', deadline=None, max_examples=25)
 hypothesis.settings.load_profile('fsp')
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked slow first (in their order), so that with pytest-xdist the short tests fill
+  whichever worker frees up and the run does not end waiting on one long test."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
 
 
 @pytest.fixture(autouse=True)

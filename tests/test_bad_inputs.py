@@ -28,8 +28,8 @@ CASES = {  # name: ({key: value}, pattern of the error)
     'unknown method': ({'methods': 'fsp,hint'}, r"config.methods: unknown \['hint'\]"),
     'no nets': ({'num_nets': 0}, r'config.num_nets: expected an integer >= 1, got 0'),
     'negative seed': ({'seed': -1}, r'config.seed: expected an integer >= 0, got -1'),
-    'batch not divisible': ({'batch_size': 12}, r'config.batch_size: 12 is not divisible by '
-                            'the 8 devices'),
+    'batch not divisible': ({'batch_size': 10}, r'config.batch_size: 10 is not divisible by '
+                            'the 4 devices'),
     'batch over the split': ({'batch_size': 4096}, r'config.batch_size: 4096 exceeds the 1437'),
     'eval batch 0': ({'eval_batch_size': 0}, r'config.eval_batch_size: expected an integer'),
     'log_every 0': ({'log_every': 0}, r'config.log_every: expected an integer >= 1'),
@@ -72,6 +72,8 @@ CASES = {  # name: ({key: value}, pattern of the error)
     'negative stage weight': ({'fsp.stage_weights': (-1.0, 1.0, 1.0)},
                               r'config.fsp.stage_weights: expected a tuple of weights >= 0'),
     'fsp weight 0': ({'fsp.weight': 0.0}, r'config.fsp.weight: expected a number > 0'),
+    'negative clip norm': ({'fsp.max_grad_norm': -1.0}, r'config.fsp.max_grad_norm: expected a '
+                           'number >= 0'),
     'negative task weight': ({'fsp.task_weight': -1.0}, r'config.fsp.task_weight: expected a '
                              'number >= 0'),
     'negative shuffle seed': ({'fsp.shuffle_seed': -3}, r'config.fsp.shuffle_seed: expected'),

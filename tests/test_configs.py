@@ -86,6 +86,7 @@ def _distilling(config):
           if methods.get(name).uses_teacher(config) and not methods.get(name).starts_from_teacher]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', NAMES)
 def test_tiny_variant_trains_with_finite_losses_for_seeds_0_to_4(name, tmp_path):
   """Seed 0: every method of the config's tiny variant, one net each; seeds 1..4: the methods
@@ -132,6 +133,7 @@ def _cub_config(**data):
   return config
 
 
+@pytest.mark.slow
 def test_transfer_cub_runs_on_tfds_mock_data(tmp_path):
   config = _cub_config(name='caltech_birds2011')
   config.methods = 'finetune,fsp'  # All five rows run on digits in the test above.
@@ -141,6 +143,7 @@ def test_transfer_cub_runs_on_tfds_mock_data(tmp_path):
   assert all(0.0 <= row['avg'] <= 1.0 for row in rows)
 
 
+@pytest.mark.slow
 def test_transfer_cub_runs_on_a_cub_folder(tmp_path):
   root = test_data.make_cub(str(tmp_path / 'CUB_200_2011'), num_images=32, num_classes=4)
   config = _cub_config(name='cub', root=root)

@@ -49,6 +49,8 @@ def test_fsp_has_the_papers_two_stages(config):
   config.fsp.task_weight, config.fsp.cache = 0.5, True
   stage1, stage2 = _summary('fsp', config)
   assert stage1[2][0][2]['cached'] and stage2[2][1] == ('fsp', (0.5, 0.5), options)
+  stage1, stage2 = methods.get('fsp').phases(config)
+  assert (stage1.max_grad_norm, stage2.max_grad_norm) == (100.0, 0.0)
   assert methods.get('fsp').uses_teacher(config)
 
 

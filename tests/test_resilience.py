@@ -57,6 +57,7 @@ def _run_all(processes, timeout):
   return [p.returncode for p in processes]
 
 
+@pytest.mark.slow
 def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
   # A few steps of every kind: a teacher, FSP stage 1 and the task stage. A gentle teacher
   # rate keeps float32 summation-order differences from growing chaotically.
@@ -103,6 +104,7 @@ def _read_steps(process, count, limit_s=120):
   return seen
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
   subprocess.run(_scratch_run(tmp_path / 'whole'), env=_env(1), check=True, timeout=300,
                  capture_output=True)

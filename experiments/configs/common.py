@@ -68,17 +68,19 @@ def cifar10_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def tiny(config: ml_collections.ConfigDict, image_size: int = 16) -> ml_collections.ConfigDict:
-  """A few steps of every phase on the embedded digits: an experiment's whole pipeline, fast."""
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few steps of every phase on 16x16 embedded digits, networks of width 1: an experiment's
+  whole pipeline, fast."""
   config.data.name = 'digits'
   config.data.root = ''
   config.data.classes = config.data.max_per_class = None
-  config.data.image_size = image_size
+  config.data.image_size = 16
   config.data.augment = 'none'
   config.batch_size = 16
   config.eval_batch_size = 120
   config.num_nets = min(config.num_nets, 2)
   config.teacher.num_nets = 1
+  config.teacher.width = config.student.width = 1
   config.log_every = 1
   config.eval_every = 0
   config.checkpoint_every = 10

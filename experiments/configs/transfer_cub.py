@@ -49,7 +49,7 @@ def _cpu(config):
 
 def _tiny(config):
   """A teacher trained here, in place of the ImageNet one."""
-  common.tiny(config, image_size=32)
+  common.tiny(config)
   config.teacher.num_classes = 0
 
 
