@@ -146,6 +146,18 @@ def make_eval_step(model: Student):
 
 
 @functools.cache
+def make_mean_fsp(model: Student):
+  """A jitted (variables, images [B, S, S, 3]) -> [mean FSP matrix [M, N] per stage], one
+  device, eval mode."""
+
+  def mean_fsp(variables, images):
+    _, features = model.apply(variables, images, train=False)
+    return [g.mean(0) for g in fsp.fsp_matrices(features)]
+
+  return jax.jit(mean_fsp)
+
+
+@functools.cache
 def make_fsp_step(model: Student):
   """A pmapped (variables, images [devices, b, S, S, 3]) -> FSP matrices [devices, b, M, N]."""
 

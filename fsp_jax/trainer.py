@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import optax
 
-from fsp_jax import checkpoints, data, fsp, logs, methods, steps
+from fsp_jax import checkpoints, data, logs, methods, steps
 
 SNAPSHOT_IMAGES = 256  # Test images whose mean FSP matrices a run saves for the report.
 _PREEMPTION = threading.Event()
@@ -218,8 +218,7 @@ def start_from(state: steps.TrainState, pretrained, keep_head: bool) -> steps.Tr
 
 def mean_fsp_matrices(model, variables, images) -> list[np.ndarray]:
   """The FSP matrices [M, N] of each stage, averaged over images [B, S, S, 3] (eval mode)."""
-  _, features = jax.jit(functools.partial(model.apply, train=False))(variables, images)
-  return [np.asarray(g.mean(0)) for g in fsp.fsp_matrices(features)]
+  return [np.asarray(g) for g in steps.make_mean_fsp(model)(variables, images)]
 
 
 def save_json(path: str, value) -> None:
