@@ -24,9 +24,17 @@ hypothesis.settings.register_profile('fsp', deadline=None, max_examples=25)
 hypothesis.settings.load_profile('fsp')
 
 
+def pytest_configure(config):
+  """pytest-xdist hands tests out one at a time (not in chunks that put every slow test on the
+  same worker)."""
+  if getattr(config.option, 'maxschedchunk', 1) is None:
+    config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(items):
-  """Tests marked slow first (in their order), so that with pytest-xdist the short tests fill
-  whichever worker frees up and the run does not end waiting on one long test."""
+  """Tests marked slow first (in their order): handed out one at a time, they spread over the
+  workers, and the short ones fill whichever worker frees up, so that the run does not end
+  waiting on one long test."""
   items.sort(key=lambda item: item.get_closest_marker('slow') is None)
 
 

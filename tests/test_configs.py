@@ -150,4 +150,4 @@ def test_transfer_cub_runs_on_a_cub_folder(tmp_path):
   config.methods = 'fsp'
   rows = experiment.train_and_evaluate(config, str(tmp_path / 'run'))
   assert [row['method'] for row in rows] == ['teacher', 'fsp']
-  assert rows[1]['model'] == 'resnet20_imagenet' and rows[0]['model'] == 'resnet34'
+  assert rows[1]['model'] == 'resnet20_imagenet' and rows[0]['model'] == 'resnet18'
