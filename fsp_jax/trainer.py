@@ -144,6 +144,7 @@ def _batches(ctx: Context, run: Run, phase: methods.Phase, start: int):
 
 
 def phase_optimizer(config, phase: methods.Phase) -> optax.GradientTransformation:
+  """A phase's optimizer: its schedule and clipping, the config's weight decay and momentum."""
   return steps.optimizer(phase.schedule, config.weight_decay, config.momentum,
                          phase.max_grad_norm)
 
