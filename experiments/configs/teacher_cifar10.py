@@ -23,6 +23,7 @@ from configs import common
 from fsp_jax import config as config_lib
 
 CYCLE1 = 'results/teacher_cifar10/cycle1/model'
+CYCLE2 = 'results/teacher_cifar10/model'
 
 
 def get_config(arg=None):
@@ -52,4 +53,14 @@ def _restart(config):
   config.eval_every = 2500
 
 
-VARIANTS = {'restart': _restart, 'tiny': common.tiny}
+def _cycle3(config):
+  """A third, longer cosine cycle (24 epochs at the first cycle's peak) from the restart's
+  model (another one: give --config.teacher.checkpoint)."""
+  config.methods = 'finetune'
+  config.num_nets = 1
+  config.teacher.checkpoint = CYCLE2
+  config.finetune = config_lib.schedule((common.PEAK_LR,), (37_500,), warmup=common.WARMUP,
+                                        decay='cosine')
+
+
+VARIANTS = {'restart': _restart, 'cycle3': _cycle3, 'tiny': common.tiny}
