@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fsp_jax import data, fsp, losses, models, sources
+from fsp_jax import data, fsp, losses, models, schedules, sources, steps
 
 PAIRS = {  # name: (teacher, student, width, image size, teacher classes)
     '26-26': ('resnet26', 'resnet26', 1, 32, 10),
@@ -77,9 +77,10 @@ def _with_fsp(features):
   return features, fsp.fsp_matrices(features)
 
 
-def student_step_fn(model, normalize, lr, scale, clip):
-  clipping = [optax.clip_by_global_norm(clip)] if clip else []
-  tx = optax.chain(*clipping, optax.add_decayed_weights(1e-4), optax.sgd(lr, momentum=0.9))
+def student_step_fn(model, normalize, lr, scale, clip, num_steps):
+  """The library's stage-1 optimizer at a constant lr; a jitted step that also returns the
+  gradient's norm, the student's matrices and its alive units."""
+  tx = steps.optimizer(schedules.Schedule((lr,), (num_steps,)), 1e-4, 0.9, clip)
 
   def loss_fn(params, batch_stats, images, g_teacher):
     (_, features), updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
@@ -125,7 +126,8 @@ def run_pair(pair, args, source):
       'student_matrix_rms': [rms(g) for g in g_student],
       'runs': {}}
   for normalize in args.normalize.split(','):
-    tx, step = student_step_fn(student, normalize, args.lr, args.scale, args.clip)
+    tx, step = student_step_fn(student, normalize, args.lr, args.scale, args.clip,
+                               args.steps)
     params, batch_stats = init['params'], init['batch_stats']
     opt_state = tx.init(params)
     start = time.time()
@@ -149,11 +151,11 @@ def run_pair(pair, args, source):
 
 
 def markdown(results, args) -> str:
-  steps, lr, scale = args.steps, args.lr, args.scale
+  num_steps, lr, scale = args.steps, args.lr, args.scale
   clip = f', clip {args.clip:g}' if args.clip else ''
   lines = ['| pair | teacher | matrices | teacher G rms | student G rms | normalize | loss@1 | '
-           f'grad norm@1 | rel. error 1 -> {steps} (lr {lr:g}, weight {scale:g}{clip}) | '
-           f'alive@{steps} (teacher) |',
+           f'grad norm@1 | rel. error 1 -> {num_steps} (lr {lr:g}, weight {scale:g}{clip}) | '
+           f'alive@{num_steps} (teacher) |',
            '|' + '---|' * 10]
   for r in results:
     shapes = ' '.join('x'.join(map(str, s)) for s in r['matrix_shapes'])
