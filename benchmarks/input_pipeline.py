@@ -1,34 +1,53 @@
-r"""Input-pipeline throughput next to the train step's consumption rate.
+r"""Input-pipeline throughput (grain: threads, then 1 and 2 worker processes) next to the
+train step's consumption rate.
 
-Reads CIFAR-10 from the ImageFolder copy (JPEG decode + pad/crop/flip + normalise, the
-paper's recipe) at batch 128, and times the pmapped ResNet-26 steps that consume it:
-plain training (stage 2) and FSP stage 1 (teacher + student forward). Prints images/s of
-each and the ratio input / step, which must stay well above 1 for the input never to starve
-the step.
+Two workloads at batch 128: the CIFAR-10 JPEG folder at 32 px with the paper's augmentation
+(decode, pad, crop, flip, normalise) and 224-px crops of 300x250 JPEGs (the CUB recipe: resize
+the shorter side, crop, flip). Then the pmapped ResNet-26 steps that consume CIFAR batches:
+plain training (stage 2) and FSP stage 1 (teacher + student). Prints images/s and the ratio
+input / step (it must stay well above 1 for the input never to starve the step); writes JSON.
 
-  python benchmarks/input_pipeline.py --data=../shared/data/cifar10
+  python benchmarks/input_pipeline.py --out=results/benchmark_input_cpu.json
 """
 
 import argparse
+import json
+import os
+import platform
+import tempfile
 import time
 
 import jax
 import numpy as np
+from PIL import Image
 
 from fsp_jax import data, models, sources
 from fsp_jax import steps as steps_lib
 from fsp_jax.methods import Phase, Schedule, Student, Term
 
 
-def input_rate(source, batch_size: int, batches: int) -> float:
-  """Images/s of data.train_batches (with the prefetch thread), after one warm-up batch."""
-  preprocess = data.Preprocess(32, 'cifar')
-  iterator = data.prefetch(data.train_batches(source, preprocess, batch_size, seed=0))
+def input_rate(source, preprocess, batch_size: int, batches: int, workers: int) -> float:
+  """Images/s of data.train_batches, after one warm-up batch (that starts the workers)."""
+  iterator = data.train_batches(source, preprocess, batch_size, seed=0,
+                                num_steps=batches + 1, workers=workers)
   next(iterator)
   start = time.perf_counter()
   for _ in range(batches):
     next(iterator)
-  return batches * batch_size / (time.perf_counter() - start)
+  rate = batches * batch_size / (time.perf_counter() - start)
+  iterator.close()
+  return rate
+
+
+def cub_like(root: str, count: int = 512) -> str:
+  """count 300x250 JPEGs of smooth random pictures in an ImageFolder tree (train split)."""
+  rng = np.random.default_rng(0)
+  for i in range(count):
+    path = os.path.join(root, 'train', f'class{i % 8}', f'{i}.jpg')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    small = rng.integers(0, 256, (25, 30, 3), np.uint8)
+    Image.fromarray(small).resize((300, 250), Image.BILINEAR).save(path, quality=90)
+  return root
 
 
 def step_rate(terms: tuple[str, ...], batch_size: int, steps: int) -> float:
@@ -58,18 +77,37 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--data', default='../shared/data/cifar10')
   parser.add_argument('--batch_size', type=int, default=128)
-  parser.add_argument('--batches', type=int, default=50)
+  parser.add_argument('--batches', type=int, default=30)
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--out', default='')
   args = parser.parse_args()
-  source = sources.folder_source(args.data, 'train')
-  pipeline = input_rate(source, args.batch_size, args.batches)
-  print(f'machine: {jax.devices()[0].device_kind} x {jax.local_device_count()}, '
-        f'batch {args.batch_size}')
-  print(f'input pipeline (CIFAR-10 JPEG folder): {pipeline:8.0f} images/s')
+  results = {'machine': f'{platform.machine()}, {os.cpu_count()} cores',
+             'device': f'{jax.devices()[0].device_kind} x {jax.local_device_count()}',
+             'batch_size': args.batch_size, 'inputs': [], 'steps': {}}
+  with tempfile.TemporaryDirectory() as tmp:
+    workloads = {
+        'CIFAR-10 JPEGs, 32 px, pad-crop-flip': (
+            sources.folder_source(args.data, 'train'), data.Preprocess(32, 'cifar')),
+        '300x250 JPEGs, 224-px crops, flip': (
+            sources.folder_source(cub_like(tmp), 'train'), data.Preprocess(224, 'crop_flip'))}
+    for name, (source, preprocess) in workloads.items():
+      row = {'workload': name}
+      for workers in (0, 1, 2):
+        row[f'{workers}_workers'] = input_rate(source, preprocess, args.batch_size,
+                                               args.batches, workers)
+      results['inputs'].append(row)
+      print(' | '.join(f'{k} {v:.0f}' if isinstance(v, float) else f'{k}: {v}'
+                       for k, v in row.items()), 'images/s', flush=True)
+  cifar = results['inputs'][0]['0_workers']
   for name, terms in (('stage-2 step (cross-entropy)', ('ce',)),
                       ('stage-1 step (teacher + FSP)', ('fsp',))):
     rate = step_rate(terms, args.batch_size, args.steps)
-    print(f'{name:35s} {rate:8.0f} images/s   input / step = {pipeline / rate:.1f}x')
+    results['steps'][name] = rate
+    print(f'ResNet-26 {name:30s} {rate:8.0f} images/s   CIFAR input (threads) / step = '
+          f'{cifar / rate:.1f}x', flush=True)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(results, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -42,6 +42,7 @@ def default() -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.augment = 'cifar'      # cifar, crop_flip or none.
   c.data.normalize = 'cifar'    # cifar or imagenet statistics.
+  c.data.workers = 0            # grain worker processes (0: threads of the training process).
   # For data.name='folder' only: a subset of class folders, and the first images of each
   # class of the training split.
   c.data.classes = ml_collections.FieldReference(None, field_type=tuple)
@@ -180,6 +181,8 @@ def _validate_data(c: ml_collections.ConfigDict) -> None:
   if c.classes is not None and (not c.classes or any(
       not isinstance(name, str) or not name for name in c.classes)):
     _fail('data.classes', f'expected a tuple of class folder names, got {c.classes!r}.')
+  if not isinstance(c.workers, int) or c.workers < 0:
+    _fail('data.workers', f'expected an integer >= 0 (worker processes), got {c.workers!r}.')
   if c.max_per_class is not None and (not isinstance(c.max_per_class, int)
                                       or c.max_per_class < 1):
     _fail('data.max_per_class', f'expected an integer >= 1 (or None: all images), got '

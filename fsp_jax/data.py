@@ -1,18 +1,20 @@
-"""Input pipelines: the paper's augmentation, batches, host sharding and prefetching.
+"""Input pipelines: the paper's augmentation, batches and host sharding, read with grain.
 
-Batches are a pure function of (seed, step), so a run that resumes at step s sees exactly the
-batches an uninterrupted run sees, and the pipeline's whole state is the step stored in the
-checkpoint. Each host reads only its own part of every global batch (see `sources` for what
-batches are read from).
+Batches are a pure function of (seed, step): grain maps a range of element numbers to examples
+(a `MapDataset`), so a run that resumes at step s sees exactly the batches an uninterrupted run
+sees, and the pipeline's whole state is the step stored in the checkpoint (grain's iterator
+state would be that same position). Each host reads only its own part of every global batch
+(see `sources` for what batches are read from); threads, and optionally worker processes,
+compute batches ahead of the step.
 """
 
-import concurrent.futures
 import dataclasses
+import functools
 import os
-import queue
-import threading
 from typing import Any, Iterator
 
+from absl import flags
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -83,48 +85,101 @@ def host_slice(global_batch: int, process_index: int, process_count: int) -> sli
   return slice(process_index * per_host, (process_index + 1) * per_host)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  order.flags.writeable = False
+  return order
+
+
 def train_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
   """Example indices [global_batch] of a training step: epochs of fresh permutations."""
   steps_per_epoch = num_examples // global_batch
   if steps_per_epoch == 0:
     raise ValueError(f'The batch size {global_batch} exceeds the {num_examples} training examples.')
   epoch, position = divmod(step, steps_per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  return order[position * global_batch:(position + 1) * global_batch]
+  return _epoch_order(num_examples, seed, epoch)[position * global_batch:
+                                                 (position + 1) * global_batch]
 
 
-# Decoding (PIL) and NumPy release the GIL: threads read and preprocess examples in parallel.
-_POOL = concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1))
+@dataclasses.dataclass(frozen=True)
+class _TrainExample:
+  """Element i of a host's stream -> {'image', 'label', 'index'}: example i % n of the host's n
+  positions in the global batch of step i // n, augmented with the RNG of (seed, step,
+  position)."""
+  source: Any
+  preprocess: Preprocess
+  global_batch: int
+  seed: int
+  first: int  # The host's first position in every global batch.
+  per_host: int
+
+  def __call__(self, i: int) -> dict:
+    step, k = divmod(int(i), self.per_host)
+    position = self.first + k
+    index = train_indices(len(self.source), self.global_batch, self.seed, step)[position]
+    image, label = self.source[index]
+    rng = np.random.default_rng([self.seed, step, position])
+    return {'image': self.preprocess(image, rng), 'label': np.int32(label), 'index': index}
 
 
-def _load(source, indices, preprocess, rngs):
-  """Reads and preprocesses examples in parallel threads: {'image': [n, S, S, 3], 'label': [n]}."""
-  def one(i, rng):
-    image, label = source[i]
-    return preprocess(image, rng), label
-  examples = list(_POOL.map(one, indices, rngs))
-  return {'image': np.stack([e[0] for e in examples]),
-          'label': np.asarray([e[1] for e in examples], np.int32)}
+@dataclasses.dataclass(frozen=True)
+class _EvalExample:
+  """Element i of a host's pass -> {'image', 'label', 'mask'}: example i % n of the host's n
+  positions in eval batch i // n; positions past the split's end repeat example 0, masked."""
+  source: Any
+  preprocess: Preprocess
+  global_batch: int
+  first: int
+  per_host: int
+
+  def __call__(self, i: int) -> dict:
+    batch, k = divmod(int(i), self.per_host)
+    position = batch * self.global_batch + self.first + k
+    mask = position < len(self.source)
+    image, label = self.source[position if mask else 0]
+    return {'image': self.preprocess(image, None), 'label': np.int32(label), 'mask': mask}
+
+
+def _read(examples: grain.MapDataset, per_host: int, workers: int) -> Iterator[dict]:
+  """The batches of examples in order, computed ahead by threads (in worker processes, if
+  any); the threads and processes stop when this generator is closed or dropped."""
+  threads = min(16, max(2, os.cpu_count() or 1))
+  batches = examples.batch(per_host).to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+  if workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (main.py parses them).
+      flags.FLAGS.mark_as_parsed()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  iterator = iter(batches)
+  try:
+    yield from iterator
+  finally:
+    iterator.close()
+
+
+def _host_part(global_batch: int, process_index: int | None, process_count: int | None):
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  return host_slice(global_batch, process_index, process_count)
 
 
 def train_batches(source, preprocess: Preprocess, global_batch: int, seed: int,
                   start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[dict]:
-  """Endless host-local training batches from start_step on.
+                  process_count: int | None = None, num_steps: int = 2**40,
+                  workers: int = 0) -> Iterator[dict]:
+  """Host-local training batches of steps start_step .. num_steps - 1 (endless by default).
 
   Yields {'image': [global_batch / hosts, S, S, 3] float32, 'label': [...] int32, 'index':
-  [...] the examples' positions in source}. Batch s is the same whatever start_step was;
-  augmentation is seeded per (seed, step, position).
+  [...] the examples' positions in source}. Batch s is the same whatever start_step and
+  workers are; augmentation is seeded per (seed, step, position).
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  part = host_slice(global_batch, process_index, process_count)
-  step = start_step
-  while True:
-    indices = train_indices(len(source), global_batch, seed, step)[part]
-    rngs = [np.random.default_rng([seed, step, p]) for p in range(part.start, part.stop)]
-    yield {**_load(source, indices, preprocess, rngs), 'index': indices}
-    step += 1
+  part = _host_part(global_batch, process_index, process_count)
+  train_indices(len(source), global_batch, seed, start_step)  # Bad sizes fail here, not later.
+  per_host = part.stop - part.start
+  example = _TrainExample(source, preprocess, global_batch, seed, part.start, per_host)
+  examples = grain.MapDataset.range(start_step * per_host, num_steps * per_host).map(example)
+  return _read(examples, per_host, workers)
 
 
 def eval_batches(source, preprocess: Preprocess, global_batch: int,
@@ -134,15 +189,11 @@ def eval_batches(source, preprocess: Preprocess, global_batch: int,
 
   Yields {'image', 'label', 'mask' [n] bool}: padding examples have mask False.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  part = host_slice(global_batch, process_index, process_count)
-  for start in range(0, len(source), global_batch):
-    positions = np.arange(start, start + global_batch)[part]
-    mask = positions < len(source)
-    batch = _load(source, np.where(mask, positions, 0), preprocess, [None] * len(positions))
-    batch['mask'] = mask
-    yield batch
+  part = _host_part(global_batch, process_index, process_count)
+  per_host = part.stop - part.start
+  num_batches = -(-len(source) // global_batch)
+  example = _EvalExample(source, preprocess, global_batch, part.start, per_host)
+  return _read(grain.MapDataset.range(num_batches * per_host).map(example), per_host, 0)
 
 
 def shard(batch: dict, num_devices: int) -> dict:
@@ -153,38 +204,3 @@ def shard(batch: dict, num_devices: int) -> dict:
                        f'{num_devices} local devices; make the batch size a multiple of it.')
     return x.reshape((num_devices, -1) + x.shape[1:])
   return jax.tree_util.tree_map(reshape, batch)
-
-
-def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
-  """Runs iterator in a background thread, keeping up to size items ready. The thread ends
-  with the iterator, or as soon as this generator is closed or dropped (a finished phase)."""
-  items: queue.Queue = queue.Queue(maxsize=size)
-  stop, done = threading.Event(), object()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        items.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def produce():
-    try:
-      for item in iterator:
-        if not put(item):
-          return
-    except Exception as e:  # pylint: disable=broad-except
-      put(e)
-      return
-    put(done)
-
-  threading.Thread(target=produce, name='fsp_jax-prefetch', daemon=True).start()
-  try:
-    while (item := items.get()) is not done:
-      if isinstance(item, Exception):
-        raise item
-      yield item
-  finally:
-    stop.set()

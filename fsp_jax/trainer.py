@@ -96,7 +96,7 @@ def evaluate(model, variables, source, preprocess, batch_size: int):
   """
   eval_step = steps.make_eval_step(model)
   totals, probs, labels, masks = None, [], [], []
-  for batch in data.prefetch(data.eval_batches(source, preprocess, batch_size)):
+  for batch in data.eval_batches(source, preprocess, batch_size):
     metrics, p = eval_step(variables, data.shard(batch, jax.local_device_count()))
     metrics = jax.device_get(jax_utils.unreplicate(metrics))
     totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
@@ -139,8 +139,9 @@ def _batches(ctx: Context, run: Run, phase: methods.Phase, start: int):
     return data.shard(batch, jax.local_device_count())
 
   batches = data.train_batches(ctx.train_source, preprocess, ctx.config.batch_size,
-                               ctx.config.seed + run.net, start_step=start)
-  return jax_utils.prefetch_to_device(map(with_teacher_fsp, data.prefetch(batches)), 2)
+                               ctx.config.seed + run.net, start_step=start,
+                               num_steps=phase.steps, workers=ctx.config.data.workers)
+  return jax_utils.prefetch_to_device(map(with_teacher_fsp, batches), 2)
 
 
 def phase_optimizer(config, phase: methods.Phase) -> optax.GradientTransformation:

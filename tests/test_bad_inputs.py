@@ -72,6 +72,7 @@ CASES = {  # name: ({key: value}, pattern of the error)
     'negative stage weight': ({'fsp.stage_weights': (-1.0, 1.0, 1.0)},
                               r'config.fsp.stage_weights: expected a tuple of weights >= 0'),
     'fsp weight 0': ({'fsp.weight': 0.0}, r'config.fsp.weight: expected a number > 0'),
+    'negative workers': ({'data.workers': -1}, r'config.data.workers: expected an integer >= 0'),
     'negative clip norm': ({'fsp.max_grad_norm': -1.0}, r'config.fsp.max_grad_norm: expected a '
                            'number >= 0'),
     'negative task weight': ({'fsp.task_weight': -1.0}, r'config.fsp.task_weight: expected a '

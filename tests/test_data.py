@@ -1,6 +1,7 @@
 """Data sources, augmentation, host slicing, determinism and bad input."""
 
 import itertools
+import multiprocessing
 import os
 import threading
 
@@ -206,25 +207,40 @@ def test_shard_and_batch_errors():
     data.train_indices(10, 64, 0, 0)
 
 
-def test_prefetch_keeps_order_and_raises():
-  assert list(data.prefetch(iter(range(5)))) == list(range(5))
-
-  def failing():
-    yield 1
-    raise ValueError('broken input')
-  with pytest.raises(ValueError, match='broken input'):
-    list(data.prefetch(failing()))
+def _grain_threads_end():
+  """Every reading thread ends within seconds (a closed stream's finish their last batch)."""
+  for thread in threading.enumerate():
+    if thread.name.startswith('grain'):
+      thread.join(timeout=5)
+  assert not [t for t in threading.enumerate() if t.name.startswith('grain')]
 
 
-def test_prefetch_thread_ends_when_its_consumer_stops():
-  """A phase stops reading an endless batch stream: its thread must not stay blocked."""
-  def threads():
-    return [t for t in threading.enumerate() if t.name == 'fsp_jax-prefetch']
+def test_worker_processes_give_the_same_batches_and_end_with_the_stream():
+  source = sources.digits_source('train')
+  preprocess = data.Preprocess(16, 'cifar')
+  threads = data.train_batches(source, preprocess, 8, seed=1, start_step=2, num_steps=5)
+  workers = data.train_batches(source, preprocess, 8, seed=1, start_step=2, num_steps=5,
+                               workers=2)
+  for ours, theirs in itertools.zip_longest(threads, workers):
+    np.testing.assert_array_equal(ours['image'], theirs['image'])
+    np.testing.assert_array_equal(ours['index'], theirs['index'])
+  assert multiprocessing.active_children() == []
+  _grain_threads_end()
 
-  before = len(threads())
-  batches = data.prefetch(itertools.count())
-  assert [next(batches) for _ in range(3)] == [0, 1, 2] and len(threads()) == before + 1
+
+def test_reading_threads_end_when_the_consumer_stops():
+  """A phase stops reading an endless batch stream: its threads must not stay behind."""
+  _grain_threads_end()
+  batches = data.train_batches(sources.digits_source('train'), data.Preprocess(16, 'none'), 8, 0)
+  next(batches)
+  assert any(t.name.startswith('grain') for t in threading.enumerate())
   batches.close()
-  for thread in threads():
-    thread.join(timeout=5)
-  assert len(threads()) == before
+  _grain_threads_end()
+
+
+def test_broken_example_raises_in_the_consumer(tmp_path):
+  root = make_folder(str(tmp_path / 'f'))
+  source = sources.folder_source(root, 'train')
+  os.remove(source.paths[0])
+  with pytest.raises(Exception, match=os.path.basename(source.paths[0])):
+    list(data.eval_batches(source, data.Preprocess(8, 'none'), 6, 0, 1))
