@@ -92,6 +92,10 @@ def main():
   parser.add_argument('--trivial_steps', type=int, default=3000)
   parser.add_argument('--out', default='')
   args = parser.parse_args()
+  # train_phase builds its own optimizer, so its step is a new function: with this cache it
+  # loads the program the bare step compiled (a real run compiles once per phase, not per step).
+  jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp())
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, 128, args.steps)
   print(f'ResNet-8: {resnet}', flush=True)
   trivial = measure(Trivial(axis_name='batch'), 8, 8, args.trivial_steps)

@@ -62,7 +62,8 @@ def teacher_fn(pair, args):
   checkpoint = args.teacher26 if teacher_name == 'resnet26' else None
   if checkpoint:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    restored = ocp.StandardCheckpointer().restore(os.path.abspath(checkpoint))
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(os.path.abspath(checkpoint))
     variables = {k: restored[k].get('backbone', restored[k]) for k in ('params', 'batch_stats')}
     return 'trained', jax.jit(lambda x: _with_fsp(model.apply(variables, x, train=False)[1]))
   variables = model.init(jax.random.key(100), jnp.zeros((1, size, size, 3)), train=False)

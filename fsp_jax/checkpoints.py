@@ -102,7 +102,8 @@ def load_variables(path: str, model, image_size: int) -> dict:
   target = jax.eval_shape(lambda x: model.clone(axis_name=None).init(
       jax.random.key(0), x, train=False), x)
   try:
-    restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), dict(target))
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(os.path.abspath(path), dict(target))
   except Exception as e:  # Orbax raises several kinds for missing or mismatched trees.
     raise ValueError(f'Cannot restore a {type(model).__name__} ({model.stage_sizes} blocks, '
                      f'widths {model.widths}) from {path}: {e}') from e

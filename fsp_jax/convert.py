@@ -110,9 +110,9 @@ def convert(state_dict_path: str, model_name: str, output: str, num_classes: int
     raise ValueError(f'--output {output!r} exists; choose a new path (nothing was written).')
   model = models.get(model_name, num_classes)
   variables = from_torchvision(load_state_dict(state_dict_path), model)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(output), variables)
-  checkpointer.wait_until_finished()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(output), variables)
+    checkpointer.wait_until_finished()
   return variables
 
 

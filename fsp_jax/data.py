@@ -1,11 +1,11 @@
 """Input pipelines: the paper's augmentation, batches and host sharding, read with grain.
 
-Batches are a pure function of (seed, step): grain maps a range of element numbers to examples
-(a `MapDataset`), so a run that resumes at step s sees exactly the batches an uninterrupted run
+Batches are a pure function of (seed, step): grain maps step numbers to batches (a
+`MapDataset`), so a run that resumes at step s sees exactly the batches an uninterrupted run
 sees, and the pipeline's whole state is the step stored in the checkpoint (grain's iterator
 state would be that same position). Each host reads only its own part of every global batch
-(see `sources` for what batches are read from); threads, and optionally worker processes,
-compute batches ahead of the step.
+(see `sources` for what batches are read from) and augments it as a whole; threads, and
+optionally worker processes, compute batches ahead of the step.
 """
 
 import dataclasses
@@ -28,37 +28,46 @@ IMAGENET_STATS = ((123.7, 116.3, 103.5), (58.4, 57.1, 57.4))
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """Per-example preprocessing: image uint8 [H, W, 3] -> float32 [size, size, 3].
+  """Preprocessing of a batch: images uint8 [H, W, 3] (n of them) -> float32 [n, size, size, 3].
 
   augment='cifar': pad 4 and random size x size crop, random horizontal flip (the paper);
   'crop_flip': resize the shorter side to size * 8/7, random crop, flip (CUB; eval: centre
-  crop); 'none': no augmentation. Always normalised per channel with mean and std.
+  crop); 'none': no augmentation. Always normalised per channel with mean and std. The random
+  choices come from draws [n, 3] in [0, 1) (top, left, flip; see `augmentation_draws`); without
+  draws (evaluation) nothing is random.
   """
   image_size: int
   augment: str = 'cifar'
   mean: tuple[float, float, float] = CIFAR_STATS[0]
   std: tuple[float, float, float] = CIFAR_STATS[1]
 
-  def __call__(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+  def __call__(self, images, draws: np.ndarray | None) -> np.ndarray:
     size = self.image_size
     if self.augment == 'crop_flip':
-      image = _resize_shorter(image, round(size * 8 / 7))
-      if rng is None:
-        top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
-      else:
-        top = rng.integers(image.shape[0] - size + 1)
-        left = rng.integers(image.shape[1] - size + 1)
-      image = image[top:top + size, left:left + size]
+      images = [_resize_shorter(image, round(size * 8 / 7)) for image in images]
+      offsets = [((h - size) // 2, (w - size) // 2) if draws is None else
+                 (int(draw[0] * (h - size + 1)), int(draw[1] * (w - size + 1)))
+                 for (h, w, _), draw in zip((image.shape for image in images),
+                                            [None] * len(images) if draws is None else draws)]
+      batch = np.stack([image[top:top + size, left:left + size]
+                        for image, (top, left) in zip(images, offsets)])
     else:
-      if image.shape[:2] != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-      if self.augment == 'cifar' and rng is not None:
-        padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-        top, left = rng.integers(9, size=2)
-        image = padded[top:top + size, left:left + size]
-    if rng is not None and self.augment != 'none' and rng.random() < 0.5:
-      image = image[:, ::-1]
-    return (image.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
+      batch = np.stack([image if image.shape[:2] == (size, size) else np.asarray(
+          Image.fromarray(image).resize((size, size), Image.BILINEAR)) for image in images])
+      if self.augment == 'cifar' and draws is not None:
+        windows = np.lib.stride_tricks.sliding_window_view(
+            np.pad(batch, ((0, 0), (4, 4), (4, 4), (0, 0))), (size, size), axis=(1, 2))
+        offsets = (draws[:, :2] * 9).astype(np.intp)  # [n, 2] in 0..8.
+        batch = windows[np.arange(len(batch)), offsets[:, 0], offsets[:, 1]].transpose(0, 2, 3, 1)
+    if draws is not None and self.augment != 'none':
+      batch = np.where((draws[:, 2] < 0.5)[:, None, None, None], batch[:, :, ::-1], batch)
+    return (batch.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
+
+
+def augmentation_draws(seed: int, step: int, global_batch: int) -> np.ndarray:
+  """The random choices [global_batch, 3] in [0, 1) of a training step's augmentation, one row
+  per position in the global batch (every host draws them all and takes its rows)."""
+  return np.random.default_rng([seed, step]).random((global_batch, 3))
 
 
 def _resize_shorter(image: np.ndarray, shorter: int) -> np.ndarray:
@@ -103,10 +112,9 @@ def train_indices(num_examples: int, global_batch: int, seed: int, step: int) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class _TrainExample:
-  """Element i of a host's stream -> {'image', 'label', 'index'}: example i % n of the host's n
-  positions in the global batch of step i // n, augmented with the RNG of (seed, step,
-  position)."""
+class _TrainBatch:
+  """Step -> the host's part of its global batch: {'image', 'label', 'index'}, the examples at
+  positions first .. first + n - 1, augmented with their rows of the step's draws."""
   source: Any
   preprocess: Preprocess
   global_batch: int
@@ -114,44 +122,44 @@ class _TrainExample:
   first: int  # The host's first position in every global batch.
   per_host: int
 
-  def __call__(self, i: int) -> dict:
-    step, k = divmod(int(i), self.per_host)
-    position = self.first + k
-    index = train_indices(len(self.source), self.global_batch, self.seed, step)[position]
-    image, label = self.source[index]
-    rng = np.random.default_rng([self.seed, step, position])
-    return {'image': self.preprocess(image, rng), 'label': np.int32(label), 'index': index}
+  def __call__(self, step: int) -> dict:
+    part = slice(self.first, self.first + self.per_host)
+    indices = train_indices(len(self.source), self.global_batch, self.seed, step)[part]
+    images, labels = zip(*(self.source[i] for i in indices))
+    draws = augmentation_draws(self.seed, step, self.global_batch)[part]
+    return {'image': self.preprocess(images, draws), 'label': np.asarray(labels, np.int32),
+            'index': indices}
 
 
 @dataclasses.dataclass(frozen=True)
-class _EvalExample:
-  """Element i of a host's pass -> {'image', 'label', 'mask'}: example i % n of the host's n
-  positions in eval batch i // n; positions past the split's end repeat example 0, masked."""
+class _EvalBatch:
+  """Batch b of a pass -> the host's part {'image', 'label', 'mask'}; positions past the
+  split's end repeat example 0, masked."""
   source: Any
   preprocess: Preprocess
   global_batch: int
   first: int
   per_host: int
 
-  def __call__(self, i: int) -> dict:
-    batch, k = divmod(int(i), self.per_host)
-    position = batch * self.global_batch + self.first + k
-    mask = position < len(self.source)
-    image, label = self.source[position if mask else 0]
-    return {'image': self.preprocess(image, None), 'label': np.int32(label), 'mask': mask}
+  def __call__(self, b: int) -> dict:
+    positions = b * self.global_batch + self.first + np.arange(self.per_host)
+    mask = positions < len(self.source)
+    images, labels = zip(*(self.source[i] for i in np.where(mask, positions, 0)))
+    return {'image': self.preprocess(images, None), 'label': np.asarray(labels, np.int32),
+            'mask': mask}
 
 
-def _read(examples: grain.MapDataset, per_host: int, workers: int) -> Iterator[dict]:
-  """The batches of examples in order, computed ahead by threads (in worker processes, if
+def _read(batches: grain.MapDataset, workers: int) -> Iterator[dict]:
+  """The elements of batches in order, computed ahead by threads (in worker processes, if
   any); the threads and processes stop when this generator is closed or dropped."""
   threads = min(16, max(2, os.cpu_count() or 1))
-  batches = examples.batch(per_host).to_iter_dataset(
+  ahead = batches.to_iter_dataset(
       grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
   if workers:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (main.py parses them).
       flags.FLAGS.mark_as_parsed()
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  iterator = iter(batches)
+    ahead = ahead.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  iterator = iter(ahead)
   try:
     yield from iterator
   finally:
@@ -171,15 +179,14 @@ def train_batches(source, preprocess: Preprocess, global_batch: int, seed: int,
   """Host-local training batches of steps start_step .. num_steps - 1 (endless by default).
 
   Yields {'image': [global_batch / hosts, S, S, 3] float32, 'label': [...] int32, 'index':
-  [...] the examples' positions in source}. Batch s is the same whatever start_step and
-  workers are; augmentation is seeded per (seed, step, position).
+  [...] the examples' positions in source}. Batch s is the same whatever start_step, workers
+  and the number of hosts are: each example's augmentation is its position's row of the
+  step's draws.
   """
   part = _host_part(global_batch, process_index, process_count)
   train_indices(len(source), global_batch, seed, start_step)  # Bad sizes fail here, not later.
-  per_host = part.stop - part.start
-  example = _TrainExample(source, preprocess, global_batch, seed, part.start, per_host)
-  examples = grain.MapDataset.range(start_step * per_host, num_steps * per_host).map(example)
-  return _read(examples, per_host, workers)
+  batch = _TrainBatch(source, preprocess, global_batch, seed, part.start, part.stop - part.start)
+  return _read(grain.MapDataset.range(start_step, num_steps).map(batch), workers)
 
 
 def eval_batches(source, preprocess: Preprocess, global_batch: int,
@@ -190,10 +197,8 @@ def eval_batches(source, preprocess: Preprocess, global_batch: int,
   Yields {'image', 'label', 'mask' [n] bool}: padding examples have mask False.
   """
   part = _host_part(global_batch, process_index, process_count)
-  per_host = part.stop - part.start
-  num_batches = -(-len(source) // global_batch)
-  example = _EvalExample(source, preprocess, global_batch, part.start, per_host)
-  return _read(grain.MapDataset.range(num_batches * per_host).map(example), per_host, 0)
+  batch = _EvalBatch(source, preprocess, global_batch, part.start, part.stop - part.start)
+  return _read(grain.MapDataset.range(-(-len(source) // global_batch)).map(batch), 0)
 
 
 def shard(batch: dict, num_devices: int) -> dict:

@@ -129,7 +129,7 @@ def _batches(ctx: Context, run: Run, phase: methods.Phase, start: int):
   """Sharded training batches on the devices from step `start` on."""
   preprocess, cache = ctx.preprocess, None
   if phase.cached_fsp:  # The un-augmented images the teacher's matrices were computed on.
-    preprocess = functools.partial(lambda p, image, rng: p(image, None), ctx.preprocess)
+    preprocess = functools.partial(lambda p, images, draws: p(images, None), ctx.preprocess)
     cache = ctx.teacher_fsp
 
   def with_teacher_fsp(batch):
@@ -271,9 +271,9 @@ def train_net(ctx: Context, run: Run) -> dict:
   _report_eval(run.label, offset, metrics, writer)
   writer.close()
   export = {'params': state.params['backbone'], 'batch_stats': state.batch_stats['backbone']}
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(os.path.join(run_dir, 'model')), export, force=True)
-  checkpointer.wait_until_finished()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(os.path.join(run_dir, 'model')), export, force=True)
+    checkpointer.wait_until_finished()
   result = {'method': run.method.name, 'net': run.net + 1, 'model': run.model_name,
             **metrics, 'iterations': offset, 'wall_s': time.time() - start_time,
             'history': history}

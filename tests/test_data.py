@@ -155,16 +155,30 @@ def test_digits():
 
 def test_cifar_augmentation():
   image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+  draws = data.augmentation_draws(seed=0, step=0, global_batch=40)
   plain = data.Preprocess(32, 'none', (0, 0, 0), (1, 1, 1))
-  np.testing.assert_array_equal(plain(image, np.random.default_rng(0)), image)
+  np.testing.assert_array_equal(plain([image] * 40, draws), [image] * 40)
   augment = data.Preprocess(32, 'cifar', (0, 0, 0), (1, 1, 1))
-  outs = [augment(image, np.random.default_rng(s)) for s in range(20)]
-  assert any(not np.array_equal(o, image) for o in outs)
-  for out in outs:  # Every output is a shifted (possibly flipped) window of the padded image.
-    padded = np.pad(image, ((4, 4), (4, 4), (0, 0))).astype(np.float32)
-    windows = [padded[t:t + 32, l:l + 32] for t in range(9) for l in range(9)]
-    assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
-  np.testing.assert_array_equal(augment(image, None), image)  # evaluation: unchanged
+  outs = augment([image] * 40, draws)
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0))).astype(np.float32)
+  for out, (top, left, flip) in zip(outs, draws):  # Row k's window, flipped where it says.
+    window = padded[int(top * 9):int(top * 9) + 32, int(left * 9):int(left * 9) + 32]
+    np.testing.assert_array_equal(out, window[:, ::-1] if flip < 0.5 else window)
+  assert len({(int(t * 9), int(l * 9), f < 0.5) for t, l, f in draws}) > 20  # Varied.
+  np.testing.assert_array_equal(augment([image], None), [image])  # evaluation: unchanged
+
+
+def test_crop_flip_crops_each_image_inside_itself():
+  images = [np.random.default_rng(k).integers(0, 256, (20 + 5 * k, 16, 3), np.uint8)
+            for k in range(4)]
+  crop = data.Preprocess(8, 'crop_flip', (0, 0, 0), (1, 1, 1))
+  out = crop(images, np.array([[0.0, 0.0, 0.9], [0.999, 0.999, 0.9], [0.5, 0.5, 0.1]] * 2)[:4])
+  assert out.shape == (4, 8, 8, 3)
+  shorter = data._resize_shorter(images[1], 9)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(out[1], shorter[-8:, -8:])  # The last window, not flipped.
+  first = data._resize_shorter(images[0], 9)  # pylint: disable=protected-access
+  top, left = (first.shape[0] - 8) // 2, (first.shape[1] - 8) // 2
+  np.testing.assert_array_equal(crop(images, None)[0], first[top:top + 8, left:left + 8])
 
 
 def test_hosts_read_disjoint_slices_that_cover_the_split():

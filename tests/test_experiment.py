@@ -27,8 +27,8 @@ def _tiny_config(methods):
 
 def _final_params(workdir, method):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp.StandardCheckpointer().restore(
-      os.path.abspath(os.path.join(workdir, method, 'net1', 'model')))
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.abspath(os.path.join(workdir, method, 'net1', 'model')))
 
 
 def test_cached_run_trains(tmp_path):

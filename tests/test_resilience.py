@@ -34,7 +34,8 @@ def _main(workdir, *overrides, extra=()):
 
 
 def _params(path):
-  return jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(os.path.abspath(path)))
+  with ocp.StandardCheckpointer() as checkpointer:
+    return jax.tree_util.tree_leaves(checkpointer.restore(os.path.abspath(path)))
 
 
 def _free_port():
@@ -222,5 +223,5 @@ def test_nan_stops_naming_stage_step_and_term(tmp_path):
 
 
 def _params_of_checkpoint(path):
-  return jax.tree_util.tree_leaves(ocp.StandardCheckpointer().restore(
-      os.path.abspath(path / 'state')))
+  with ocp.StandardCheckpointer() as checkpointer:
+    return jax.tree_util.tree_leaves(checkpointer.restore(os.path.abspath(path / 'state')))
