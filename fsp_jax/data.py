@@ -179,9 +179,9 @@ def train_batches(source, preprocess: Preprocess, global_batch: int, seed: int,
   """Host-local training batches of steps start_step .. num_steps - 1 (endless by default).
 
   Yields {'image': [global_batch / hosts, S, S, 3] float32, 'label': [...] int32, 'index':
-  [...] the examples' positions in source}. Batch s is the same whatever start_step, workers
-  and the number of hosts are: each example's augmentation is its position's row of the
-  step's draws.
+  [...] the examples' positions in source}. The global batch of step s is the same whatever
+  start_step, workers and the number of hosts: each example's augmentation is its position's
+  row of the step's draws.
   """
   part = _host_part(global_batch, process_index, process_count)
   train_indices(len(source), global_batch, seed, start_step)  # Bad sizes fail here, not later.
