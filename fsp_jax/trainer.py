@@ -10,6 +10,7 @@ fetched every config.log_every steps and before every checkpoint, where a NaN or
 run naming the step and term, before anything non-finite is saved.
 """
 
+import collections
 import dataclasses
 import functools
 import json
@@ -141,7 +142,20 @@ def _batches(ctx: Context, run: Run, phase: methods.Phase, start: int):
   batches = data.train_batches(ctx.train_source, preprocess, ctx.config.batch_size,
                                ctx.config.seed + run.net, start_step=start,
                                num_steps=phase.steps, workers=ctx.config.data.workers)
-  return jax_utils.prefetch_to_device(map(with_teacher_fsp, batches), 2)
+  return _on_devices(map(with_teacher_fsp, batches), ahead=2)
+
+
+def _on_devices(batches, ahead: int):
+  """Batches [devices, ...] placed on the local devices (one device_put each, asynchronous),
+  `ahead` of the step that reads them."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
+  placed = collections.deque()
+  for batch in batches:
+    placed.append(jax.device_put(batch, sharding))
+    if len(placed) > ahead:
+      yield placed.popleft()
+  yield from placed
 
 
 def phase_optimizer(config, phase: methods.Phase) -> optax.GradientTransformation:
