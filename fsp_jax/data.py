@@ -45,10 +45,12 @@ class Preprocess:
     size = self.image_size
     if self.augment == 'crop_flip':
       images = [_resize_shorter(image, round(size * 8 / 7)) for image in images]
-      offsets = [((h - size) // 2, (w - size) // 2) if draws is None else
-                 (int(draw[0] * (h - size + 1)), int(draw[1] * (w - size + 1)))
-                 for (h, w, _), draw in zip((image.shape for image in images),
-                                            [None] * len(images) if draws is None else draws)]
+      shapes = [image.shape for image in images]
+      if draws is None:  # The centre.
+        offsets = [((h - size) // 2, (w - size) // 2) for h, w, _ in shapes]
+      else:
+        offsets = [(int(top * (h - size + 1)), int(left * (w - size + 1)))
+                   for (h, w, _), (top, left, _) in zip(shapes, draws)]
       batch = np.stack([image[top:top + size, left:left + size]
                         for image, (top, left) in zip(images, offsets)])
     else:
