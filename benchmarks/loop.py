@@ -40,11 +40,13 @@ class Trivial(nn.Module):
     return nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(logits), {}
 
 
-def _setup(backbone, image_size: int, batch_size: int, steps_count: int, workdir: str):
+def _setup(backbone, image_size: int, batch_size: int, steps_count: int, workdir: str,
+           workers: int):
   config = config_lib.default()
   config.update(batch_size=batch_size, log_every=100, checkpoint_every=steps_count // 2,
                 eval_every=0, keep_checkpoints=2)
   config.data.image_size = image_size
+  config.data.workers = workers
   config.scratch = config_lib.schedule((0.1,), (steps_count,))
   rng = np.random.default_rng(0)
   source = sources.ArraySource(rng.integers(0, 256, (4096, image_size, image_size, 3), np.uint8),
@@ -54,10 +56,10 @@ def _setup(backbone, image_size: int, batch_size: int, steps_count: int, workdir
   return config, ctx, run
 
 
-def measure(backbone, image_size: int, batch_size: int, steps_count: int) -> dict:
+def measure(backbone, image_size: int, batch_size: int, steps_count: int, workers: int) -> dict:
   """Seconds of `steps_count` bare steps and of train_phase over as many steps."""
   with tempfile.TemporaryDirectory() as workdir:
-    config, ctx, run = _setup(backbone, image_size, batch_size, steps_count, workdir)
+    config, ctx, run = _setup(backbone, image_size, batch_size, steps_count, workdir, workers)
     phase = run.method.phases(config)[0]
     tx = steps.optimizer(phase.schedule, config.weight_decay, config.momentum)
     state = steps.create_train_state(run.student, jax.random.key(0), image_size, tx)
@@ -90,18 +92,21 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=200, help='ResNet-8 steps')
   parser.add_argument('--trivial_steps', type=int, default=3000)
+  parser.add_argument('--workers', type=int, default=0,
+                      help='config.data.workers: input processes (0: threads)')
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   # train_phase builds its own optimizer, so its step is a new function: with this cache it
   # loads the program the bare step compiled (a real run compiles once per phase, not per step).
   jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp())
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, 128, args.steps)
+  resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, 128, args.steps,
+                   args.workers)
   print(f'ResNet-8: {resnet}', flush=True)
-  trivial = measure(Trivial(axis_name='batch'), 8, 8, args.trivial_steps)
+  trivial = measure(Trivial(axis_name='batch'), 8, 8, args.trivial_steps, args.workers)
   result = {'machine': f'{platform.machine()}, {os.cpu_count()} cores',
             'devices': [str(d) for d in jax.local_devices()], 'jax': jax.__version__,
-            'resnet8_batch128': resnet, 'trivial_batch8': trivial}
+            'workers': args.workers, 'resnet8_batch128': resnet, 'trivial_batch8': trivial}
   print(f"ResNet-8, batch 128: loop {resnet['loop_images_per_s']:.0f} img/s, bare step "
         f"{resnet['bare_images_per_s']:.0f} img/s, loop / step {resnet['ratio']:.3f}")
   print(f"Trivial step, batch 8: {trivial['bare_s'] / args.trivial_steps * 1e6:.0f} us bare, "

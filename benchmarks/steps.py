@@ -8,6 +8,12 @@ and the ratio ours / PyTorch (> 1: we are faster). Prints a Markdown table, writ
 
   python benchmarks/steps.py --out=/tmp/steps.json
   python benchmarks/steps.py --xla_flags=--xla_cpu_use_onednn=true --out=/tmp/onednn.json
+
+Where torch is not installed (our Python 3.12 environment), --torch_from takes the reference's
+step times from the JSON of a run just before in the same sitting:
+
+  python benchmarks/steps.py --out=/tmp/jax010.json                            # with torch
+  python3.12 benchmarks/steps.py --torch_from=/tmp/jax010.json --out=/tmp/jax012.json
 """
 
 import argparse
@@ -138,25 +144,39 @@ def main():
   parser.add_argument('--pairs', default=','.join(f'{t}:{s}' for t, s in PAIRS))
   parser.add_argument('--xla_flags', default='', help='added to XLA_FLAGS before JAX starts')
   parser.add_argument('--out', default='', help='JSON file for the measurements')
+  parser.add_argument('--torch_from', default='',
+                      help="a JSON of this script's whose PyTorch times to use instead of "
+                           'running the reference')
   args = parser.parse_args()
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
   import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
 
-  torch.set_num_threads(os.cpu_count())
+  if args.torch_from:
+    with open(args.torch_from) as f:
+      earlier = json.load(f)
+    reference = f"torch from {args.torch_from} ({earlier['machine']})"
+    torch_seconds = {(r['pair'], r['step']): r['torch_seconds'] for r in earlier['rows']}
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(os.cpu_count())
+    reference = f'torch {torch.__version__}'
   device = jax.devices()[0]
   machine = (f'{device.device_kind} x {jax.local_device_count()} ({platform.machine()}, '
-             f'{os.cpu_count()} CPUs), jax {jax.__version__}, torch {torch.__version__}, '
+             f'{os.cpu_count()} CPUs), jax {jax.__version__}, {reference}, '
              f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   peak = matmul_peak()
   rows, speedups = [], []
   for pair in args.pairs.split(','):
     teacher_name, student_name = pair.split(':')
     ours = jax_pair(teacher_name, student_name, args.batch_size, args.repeats)
-    theirs = torch_pair(teacher_name, student_name, args.batch_size, args.repeats)
+    label = f'{teacher_name[6:]}->{student_name[6:]}'
+    if args.torch_from:
+      theirs = {step: {'seconds': torch_seconds[label, step]} for step in STEPS}
+    else:
+      theirs = torch_pair(teacher_name, student_name, args.batch_size, args.repeats)
     for step in STEPS:
-      rows.append({'pair': f'{teacher_name[6:]}->{student_name[6:]}', 'step': step,
+      rows.append({'pair': label, 'step': step,
                    **{k: v for k, v in ours[step].items() if k != 'seconds'},
                    'ours_seconds': ours[step]['seconds'],
                    'ours_images_per_s': args.batch_size / ours[step]['seconds'],
