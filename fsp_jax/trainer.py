@@ -169,13 +169,16 @@ def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.Train
   """Trains one phase from its latest checkpoint (or from `state`) to its end.
 
   offset is the number of steps of earlier phases, for global step numbers in the logs.
-  Returns (state, history). Raises Preempted after SIGTERM (once a checkpoint is saved) and
-  FloatingPointError on a non-finite loss or gradient (keeping the last good checkpoint).
+  Returns (state, history); history['train_s'] sums the run's training seconds over every
+  process that worked on it (saved with each checkpoint). Raises Preempted after SIGTERM (once
+  a checkpoint is saved) and FloatingPointError on a non-finite loss or gradient (keeping the
+  last good checkpoint).
   """
   config, where = ctx.config, f'{run.label} {phase.name}'
   saved = checkpoints.PhaseCheckpoints(
       os.path.join(run.directory(ctx.workdir), phase.name), config.keep_checkpoints, where)
   state, history, start = saved.restore(state, history)
+  began, spent = time.time(), history.get('train_s', 0.0)  # Earlier phases' and processes'.
   if start >= phase.steps:
     saved.close()
     return state, history
@@ -211,6 +214,7 @@ def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.Train
       _report_eval(where, offset + done, result, writer)
       history['eval'].append([offset + done, result['accuracy']])
     if save or preempted:
+      history['train_s'] = spent + time.time() - began
       saved.save(done, jax.device_get(jax_utils.unreplicate(replicated)), history)
       last_saved = f'the last good checkpoint is step {done} in {saved.directory}'
     if preempted:
@@ -252,7 +256,6 @@ def train_net(ctx: Context, run: Run) -> dict:
   if os.path.exists(result_path):
     with open(result_path) as f:
       return json.load(f)
-  start_time = time.time()
   phases = run.method.phases(config)
   state = steps.create_train_state(run.student, jax.random.key(config.seed + run.net),
                                    config.data.image_size,
@@ -279,6 +282,7 @@ def train_net(ctx: Context, run: Run) -> dict:
       snapshot['after'] = mean_fsp_matrices(run.student, state.variables(), images['image'])
       np.savez(os.path.join(run_dir, 'fsp_matrices.npz'),
                **{f'{when}_{k}': g for when, gs in snapshot.items() for k, g in enumerate(gs)})
+  evaluated = time.time()
   metrics, probs, labels = evaluate(run.student, steps.replicate(state.variables()),
                                     ctx.eval_source, ctx.preprocess, config.eval_batch_size)
   history['eval'].append([offset, metrics['accuracy']])
@@ -289,7 +293,8 @@ def train_net(ctx: Context, run: Run) -> dict:
     checkpointer.save(os.path.abspath(os.path.join(run_dir, 'model')), export, force=True)
     checkpointer.wait_until_finished()
   result = {'method': run.method.name, 'net': run.net + 1, 'model': run.model_name,
-            **metrics, 'iterations': offset, 'wall_s': time.time() - start_time,
+            **metrics, 'iterations': offset,
+            'wall_s': history.get('train_s', 0.0) + time.time() - evaluated,
             'history': history}
   if jax.process_index() == 0:
     np.save(os.path.join(run_dir, 'test_probs.npy'), probs.astype(np.float32))

@@ -56,6 +56,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, capsys):
   os.remove(os.path.join(run_dir, 'result.json'))
   for path in ('model', os.path.join('stage2', '5')):
     shutil.rmtree(os.path.join(run_dir, path))
+  with open(os.path.join(run_dir, 'stage2', '2', 'history', 'metadata')) as f:
+    seconds_before = json.load(f)['train_s']  # Stage 1 and 2 steps of stage 2.
   corrupted = 0
   for folder, _, files in os.walk(os.path.join(run_dir, 'stage2', '4')):
     for name in files:
@@ -74,9 +76,12 @@ def test_resumed_run_equals_uninterrupted(tmp_path, capsys):
   assert 'checkpoint 4 is unreadable and was moved to 4.corrupt' in output
   assert 'resumed from step 2' in output and len(output.splitlines()) < 40, output
   assert sorted(os.listdir(os.path.join(run_dir, 'stage2'))) == ['2', '4', '4.corrupt', '5']
-  histories = [json.load(open(os.path.join(d, 'fsp', 'net1', 'result.json')))['history']
-               for d in (uninterrupted, interrupted)]
-  assert histories[0] == histories[1] and len(histories[0]['train']) == 3 + 5
+  results = [json.load(open(os.path.join(d, 'fsp', 'net1', 'result.json')))
+             for d in (uninterrupted, interrupted)]
+  curves = [{k: r['history'][k] for k in ('train', 'eval')} for r in results]
+  assert curves[0] == curves[1] and len(curves[0]['train']) == 3 + 5
+  # The wall time counts the first process's training up to the checkpoint resumed from.
+  assert results[1]['wall_s'] > results[1]['history']['train_s'] > seconds_before > 0
 
 
 def test_adapter_pairs_different_widths(tmp_path):
