@@ -122,6 +122,11 @@ def torch_pair(teacher_name: str, student_name: str, batch_size: int, repeats: i
   return {name: {'seconds': median_seconds(getattr(steps, name), repeats)} for name in STEPS}
 
 
+def _label(teacher_name: str, student_name: str) -> str:
+  """'resnet26', 'resnet8' -> '26->8'."""
+  return f'{teacher_name[6:]}->{student_name[6:]}'
+
+
 def table(rows: list[dict], peak: float) -> str:
   head = ('| pair | step | ours img/s | ours ms | PyTorch img/s | ours / PyTorch | compile s '
           '| GFLOP/step | % of matmul peak | XLA memory MiB |')
@@ -157,6 +162,11 @@ def main():
       earlier = json.load(f)
     reference = f"torch from {args.torch_from} ({earlier['machine']})"
     torch_seconds = {(r['pair'], r['step']): r['torch_seconds'] for r in earlier['rows']}
+    missing = [p for p in args.pairs.split(',') if (_label(*p.split(':')), STEPS[0])
+               not in torch_seconds]
+    if missing:
+      raise SystemExit(f'--torch_from={args.torch_from} has no PyTorch times for the pairs '
+                       f'{", ".join(missing)}; it has {sorted({p for p, _ in torch_seconds})}.')
   else:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count())
@@ -170,7 +180,7 @@ def main():
   for pair in args.pairs.split(','):
     teacher_name, student_name = pair.split(':')
     ours = jax_pair(teacher_name, student_name, args.batch_size, args.repeats)
-    label = f'{teacher_name[6:]}->{student_name[6:]}'
+    label = _label(teacher_name, student_name)
     if args.torch_from:
       theirs = {step: {'seconds': torch_seconds[label, step]} for step in STEPS}
     else:
