@@ -15,7 +15,7 @@ CIFAR10 = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'cifar10')
 @pytest.mark.skipif(not os.path.isdir(CIFAR10), reason=f'the CIFAR-10 folder {CIFAR10} is absent')
 def test_committed_teacher_matches_its_reported_accuracy():
   """On the first 100 test images of each class (1,000): within 3 points of the accuracy its
-  result.json reports for the whole test set (86.44%: short of the 88% aimed at)."""
+  result.json reports for the whole test set (88.39%, the third cycle)."""
   with open(os.path.join(TEACHER, 'result.json')) as f:
     reported = json.load(f)['accuracy']
   teacher = methods.Student(models.get('resnet26', 10, axis_name='batch'))
@@ -24,4 +24,4 @@ def test_committed_teacher_matches_its_reported_accuracy():
   metrics, _, labels = trainer.evaluate(teacher, variables, test_slice,
                                         data.Preprocess(32, 'none'), 200)
   assert len(labels) == 1000
-  assert reported >= 0.85 and abs(metrics['accuracy'] - reported) <= 0.03, (metrics, reported)
+  assert reported >= 0.88 and abs(metrics['accuracy'] - reported) <= 0.03, (metrics, reported)
