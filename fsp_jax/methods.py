@@ -55,8 +55,8 @@ TERMS: dict[str, Callable[..., Any]] = {
     'ce': lambda out: losses.cross_entropy(out.logits, out.labels),
     'fsp': _fsp_term,
     'kd': lambda out, temperature: losses.kd_loss(out.logits, out.teacher_logits, temperature),
-    'hint': lambda out, layer: losses.hint_loss(out.features['hint'],
-                                                out.teacher_features[layer]),
+    'hint': lambda out, layer, normalize: losses.hint_loss(
+        out.features['hint'], out.teacher_features[layer], normalize),
     'at': lambda out: losses.attention_transfer(_stage_outputs(out.features),
                                                 _stage_outputs(out.teacher_features)),
 }
@@ -196,7 +196,8 @@ def _fitnet_phases(config) -> tuple[Phase, ...]:
   # FitNet weighs a KL without the tau^2 of Hinton's kd_loss: divide it back out.
   start, end = (w / c.temperature**2 for w in c.kd_weight)
   kd = (Term('kd', (start, end), (('temperature', c.temperature),)),) if start or end else ()
-  return (Phase('stage1', Schedule.of(c.stage1), (Term('hint', options=(('layer', c.hint),)),)),
+  hint = Term('hint', (c.weight,) * 2, (('layer', c.hint), ('normalize', c.normalize)))
+  return (Phase('stage1', Schedule.of(c.stage1), (hint,), c.max_grad_norm),
           Phase('stage2', Schedule.of(c.stage2), (Term('ce'),) + kd))
 
 
@@ -236,6 +237,11 @@ def _check_fitnet(config) -> None:
   weights = config.fitnet.kd_weight
   if len(weights) != 2 or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
     _fail('fitnet.kd_weight', f'expected (start, end) weights >= 0, got {weights!r}.')
+  _number(config, 'fitnet.weight', 0, strict=True)
+  _number(config, 'fitnet.max_grad_norm', 0, strict=False)
+  if config.fitnet.normalize not in losses.HINT_NORMALIZATIONS:
+    _fail('fitnet.normalize', f'unknown {config.fitnet.normalize!r}; expected one of '
+          f'{", ".join(losses.HINT_NORMALIZATIONS)}.')
 
 
 def _check_kd(config) -> None:
@@ -273,6 +279,13 @@ def _fitnet_defaults():
   return ml_collections.ConfigDict({
       'hint': 'stage2_out',  # Teacher hint and student guided layer (the middle).
       'stage1': schedule((1e-4, 1e-5), (25_000, 35_000)),
+      # The hint stage as FSP's stage 1: the loss a relative error ('teacher'; 'none' is
+      # FitNets' literal 1/2 ||u_h - r(v_g)||^2) times 100, its gradient's norm clipped to 100.
+      # Literal and unclipped, a fresh ResNet-8's first steps against the trained ResNet-26
+      # (gradient norm 2e4) kill 97% of its guided layer's units at the paper's 1e-4.
+      'normalize': 'teacher',
+      'weight': 100.0,
+      'max_grad_norm': 100.0,
       'stage2': schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000)),
       'temperature': 3.0,
       # FitNet's lambda, decreased linearly over stage 2; (0, 0) for cross-entropy alone (a

@@ -83,6 +83,11 @@ CASES = {  # name: ({key: value}, pattern of the error)
     'fitnet temperature 0': ({'fitnet.temperature': 0.0}, r'config.fitnet.temperature: '),
     'fitnet weights': ({'fitnet.kd_weight': (1.0,)}, r'config.fitnet.kd_weight: expected '
                        r'\(start, end\)'),
+    'fitnet normalisation': ({'fitnet.normalize': 'entries'}, r"config.fitnet.normalize: "
+                             r"unknown 'entries'"),
+    'fitnet weight 0': ({'fitnet.weight': 0.0}, r'config.fitnet.weight: expected a number > 0'),
+    'negative fitnet clip': ({'fitnet.max_grad_norm': -1.0}, r'config.fitnet.max_grad_norm: '
+                             'expected a number >= 0'),
     'unknown hint': ({'methods': 'fitnet', 'fitnet.hint': 'stage9_out'}, r"config.fitnet.hint: "
                      r"'stage9_out' is not a feature of both networks"),
     'widths differ': ({'teacher.width': 2}, r"config.student.model='resnet8' \(width 1\) cannot "

@@ -124,6 +124,12 @@ def test_hint_loss_reference_and_shapes():
   np.testing.assert_allclose(losses.hint_loss(r, u), expected, rtol=1e-5)
   with pytest.raises(ValueError, match=r'\(2, 4, 4, 8\) vs teacher \(2, 4, 4, 16\)'):
     losses.hint_loss(r, jnp.zeros((2, 4, 4, 16)))
+  relative = np.mean(np.sum((np.asarray(r) - np.asarray(u))**2, (1, 2, 3)) /
+                     np.sum(np.asarray(u)**2, (1, 2, 3)))
+  np.testing.assert_allclose(losses.hint_loss(r, u, 'teacher'), relative, rtol=1e-5)
+  np.testing.assert_allclose(losses.hint_loss(3 * r, 3 * u, 'teacher'), relative, rtol=1e-5)
+  with pytest.raises(ValueError, match="normalize must be one of .'none', 'teacher'., got 'mean'"):
+    losses.hint_loss(r, u, 'mean')
 
 
 def attention_reference(student, teacher):

@@ -67,10 +67,12 @@ def test_fsp_shuffled_permutes_the_teachers_rows_and_columns(config):
   np.testing.assert_array_equal(np.sort(shuffled.ravel()), np.sort(g.ravel()))
 
 
-def test_fitnet_divides_its_kd_weight_by_tau_squared(config):
+def test_fitnet_hint_stage_as_fsps_stage1_and_kd_weight_over_tau_squared(config):
   hint, task = _summary('fitnet', config)
   assert hint == ('stage1', ((1e-4, 1e-5), (25_000, 35_000), 0, 'step'),
-                  (('hint', (1.0, 1.0), {'layer': 'stage2_out'}),))
+                  (('hint', (100.0, 100.0), {'layer': 'stage2_out', 'normalize': 'teacher'}),))
+  stage1, stage2 = methods.get('fitnet').phases(config)
+  assert (stage1.max_grad_norm, stage2.max_grad_norm) == (100.0, 0.0)
   assert task[2] == (('ce', (1.0, 1.0), {}), ('kd', (4.0 / 9.0, 1.0 / 9.0),
                                               {'temperature': 3.0}))
   config.fitnet.kd_weight = (0.0, 0.0)  # A teacher of other classes: cross-entropy alone.
