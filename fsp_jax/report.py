@@ -189,8 +189,8 @@ def write_report(runs: dict[str, str], out_dir: str, notes: str = '') -> str:
                  f'{data["root"] or data["name"]}{subset}, image size {data["image_size"]},'
                  f' batch {config["batch_size"]}; seeds {config["seed"]}..'
                  f'{config["seed"] + config["num_nets"] - 1} (net k uses seed + k - 1). '
-                 'Accuracy in %; #Iter sums the iterations of all nets of a row, stage 1 '
-                 'included, as in the paper.\n')
+                 'Accuracy in %; #Iter is one net\'s iterations, stage 1 included, as in '
+                 'the paper; Wall the time of all the nets of a row.\n')
     parts.append(comparison_table(run['rows'], paper) + '\n')
     parts.append('Average accuracy over the student trained alone, here and in the paper, and '
                  'the gap to the teacher:\n')

@@ -7,8 +7,8 @@ with shuffled teacher matrices (the dagger row).
   python experiments/main.py --config=experiments/configs/fast_opt_cifar10.py \
       --workdir=runs/fast_opt_cifar10
   # On 2 CPU cores (common.cifar10_cpu): the committed teacher, students with a third of its
-  # 25,000 iterations at batch 32, on the JPEG CIFAR-10 in ../shared/data; FSP and the
-  # students alone, three nets each (about 6 hours):
+  # first cycle's 25,000 iterations at batch 32, on the JPEG CIFAR-10 in ../shared/data; FSP
+  # and the students alone, three nets each (about 4 hours alone on the cores):
   python experiments/main.py --config=experiments/configs/fast_opt_cifar10.py:cpu \
       --workdir=runs/fast_opt_cifar10_cpu
 """

@@ -6,7 +6,7 @@ Rows: teacher, student alone, FitNet and FSP. The student trains with the full R
   python experiments/main.py --config=experiments/configs/minimize_cifar10.py \
       --workdir=runs/minimize_cifar10
   # On 2 CPU cores (common.cifar10_cpu): the committed teacher, three students per row with
-  # a third of its 25,000 iterations at batch 32 (about 2 hours):
+  # a third of its first cycle's 25,000 iterations at batch 32 (about 2 hours):
   python experiments/main.py --config=experiments/configs/minimize_cifar10.py:cpu \
       --workdir=runs/minimize_cifar10_cpu
 """
