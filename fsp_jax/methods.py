@@ -282,7 +282,8 @@ def _fitnet_defaults():
       # The hint stage as FSP's stage 1: the loss a relative error ('teacher'; 'none' is
       # FitNets' literal 1/2 ||u_h - r(v_g)||^2) times 100, its gradient's norm clipped to 100.
       # Literal and unclipped, a fresh ResNet-8's first steps against the trained ResNet-26
-      # (gradient norm 2e4) kill 97% of its guided layer's units at the paper's 1e-4.
+      # (gradient norm 2e4) kill every unit of its guided layer at the paper's 1e-4
+      # (results/stage1/fitnet_hint.md).
       'normalize': 'teacher',
       'weight': 100.0,
       'max_grad_norm': 100.0,
