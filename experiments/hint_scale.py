@@ -13,14 +13,12 @@ batch) at each stage's output.
 
 import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import optax
-import orbax.checkpoint as ocp
 
-from fsp_jax import adapters, data, losses, models, schedules, sources, steps
+from fsp_jax import adapters, checkpoints, data, losses, models, schedules, sources, steps
 
 HINT = 'stage2_out'
 
@@ -28,9 +26,7 @@ HINT = 'stage2_out'
 def teacher_hints(checkpoint, images):
   """The teacher's hint [B, 16, 16, 32] on each batch of images."""
   teacher = models.get('resnet26', 10)
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.abspath(checkpoint))
-  variables = {k: restored[k].get('backbone', restored[k]) for k in ('params', 'batch_stats')}
+  variables = checkpoints.load_variables(checkpoint, teacher, images[0].shape[1])
   apply = jax.jit(lambda x: teacher.apply(variables, x, train=False)[1][HINT])
   return [apply(x) for x in images]
 

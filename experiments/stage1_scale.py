@@ -20,7 +20,6 @@ initial statistics (mean 0, variance 1: an unsettled teacher, as after a few ste
 
 import argparse
 import json
-import os
 import time
 
 import jax
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fsp_jax import data, fsp, losses, models, schedules, sources, steps
+from fsp_jax import checkpoints, data, fsp, losses, models, schedules, sources, steps
 
 PAIRS = {  # name: (teacher, student, width, image size, teacher classes)
     '26-26': ('resnet26', 'resnet26', 1, 32, 10),
@@ -61,10 +60,7 @@ def teacher_fn(pair, args):
   model = models.get(teacher_name, classes, width)
   checkpoint = args.teacher26 if teacher_name == 'resnet26' else None
   if checkpoint:
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(os.path.abspath(checkpoint))
-    variables = {k: restored[k].get('backbone', restored[k]) for k in ('params', 'batch_stats')}
+    variables = checkpoints.load_variables(checkpoint, model, size)
     return 'trained', jax.jit(lambda x: _with_fsp(model.apply(variables, x, train=False)[1]))
   variables = model.init(jax.random.key(100), jnp.zeros((1, size, size, 3)), train=False)
   if args.raw_teacher:
