@@ -192,9 +192,11 @@ def write_report(runs: dict[str, str], out_dir: str, notes: str = '') -> str:
                  'Accuracy in %; #Iter is one net\'s iterations, stage 1 included, as in '
                  'the paper; Wall the time of all the nets of a row.\n')
     parts.append(comparison_table(run['rows'], paper) + '\n')
-    parts.append('Average accuracy over the student trained alone, here and in the paper, and '
-                 'the gap to the teacher:\n')
-    parts.append('\n'.join(gains(run['rows'], paper)) + '\n')
+    lines = gains(run['rows'], paper)
+    if lines:
+      parts.append('Average accuracy over the student trained alone, here and in the paper, '
+                   'and the gap to the teacher:\n')
+      parts.append('\n'.join(lines) + '\n')
     plot_accuracy(run, f'{name}: test accuracy during the task stage',
                   os.path.join(out_dir, f'{name}_accuracy.png'))
     parts.append(f'![test accuracy]({name}_accuracy.png)\n')
