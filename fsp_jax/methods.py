@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fsp_jax import adapters, fsp, losses
+from fsp_jax import adapters, fsp, losses, schedules
 from fsp_jax.adapters import Student
 from fsp_jax.schedules import Schedule, schedule
 
@@ -177,8 +177,17 @@ class Method:
         term.name != 'ce' for phase in self.phases(config) for term in phase.terms)
 
 
-def _train(sched, *terms) -> tuple[Phase, ...]:
-  return (Phase('train', Schedule.of(sched), (Term('ce'),) + terms),)
+def _train(sched, *terms, ce_weight: float = 1.0) -> tuple[Phase, ...]:
+  return (Phase('train', Schedule.of(sched), (Term('ce', (ce_weight,) * 2),) + terms),)
+
+
+def _matched_phases(config) -> tuple[Phase, ...]:
+  """The student alone for as many iterations as FSP's stage 1 and task stage together: the
+  task schedule (config.scratch) stretched to that length, its shape kept."""
+  sched = ml_collections.ConfigDict(config.scratch.to_dict())
+  total = Schedule.of(config.fsp.stage1).length + Schedule.of(config.fsp.stage2).length
+  schedules.scale(sched, total / Schedule.of(sched).length)
+  return _train(sched)
 
 
 def _fsp_phases(config, shuffled: bool = False) -> tuple[Phase, ...]:
@@ -247,6 +256,7 @@ def _check_fitnet(config) -> None:
 def _check_kd(config) -> None:
   _number(config, 'kd.temperature', 0, strict=True)
   _number(config, 'kd.weight', 0, strict=False)
+  _number(config, 'kd.ce_weight', 0, strict=False)
 
 
 def _fsp_defaults():
@@ -297,8 +307,12 @@ def _fitnet_defaults():
 def _kd_defaults():
   return ml_collections.ConfigDict({
       'schedule': schedule((0.1, 0.01, 0.001), (11_000, 16_000, 21_000)),
+      # ce_weight * cross-entropy + weight * Hinton's tau^2-scaled KL: the weights and
+      # temperature of the KD baseline in Tian et al.'s CRD benchmark (RepDistiller), which
+      # follow Hinton's advice of a much lower weight on the hard targets.
       'temperature': 4.0,
-      'weight': 1.0})  # Cross-entropy + weight * Hinton's tau^2-scaled KL.
+      'ce_weight': 0.1,
+      'weight': 0.9})
 
 
 def _check_at(config) -> None:
@@ -322,6 +336,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # The student trained alone: the paper's Teacher* / Student rows.
     Method('scratch', 'Student alone', 'tab:gray', lambda c: _train(c.scratch),
            section='scratch', defaults=_task_schedule),
+    # The control for FSP's extra iterations: the student alone, as long as FSP in all.
+    Method('scratch_matched', "Student alone, FSP's #Iter", 'tab:cyan', _matched_phases),
     # Stage 1 on the teacher's FSP matrices, then the task.
     Method('fsp', 'FSP', 'tab:blue', _fsp_phases, student=_fsp_student, section='fsp',
            defaults=_fsp_defaults, check=_check_fsp),
@@ -333,7 +349,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            section='fitnet', defaults=_fitnet_defaults, check=_check_fitnet),
     # Hinton's knowledge distillation.
     Method('kd', 'KD', 'tab:green', lambda c: _train(c.kd.schedule, Term(
-        'kd', (c.kd.weight,) * 2, (('temperature', c.kd.temperature),))),
+        'kd', (c.kd.weight,) * 2, (('temperature', c.kd.temperature),)),
+                                                    ce_weight=c.kd.ce_weight),
            section='kd', defaults=_kd_defaults, check=_check_kd),
     # Attention transfer (Zagoruyko & Komodakis, ICLR 2017): cross-entropy and the distance
     # between the normalised spatial attention maps of the stage outputs, in one stage.

@@ -39,6 +39,16 @@ def test_scratch_and_teacher_scratch_train_alone_on_the_task_schedule(config):
       (0.1, 0.01, 0.001), (32_000, 48_000, 64_000), 0, 'step')
 
 
+def test_scratch_matched_trains_alone_as_long_as_fsp_with_the_task_schedules_shape(config):
+  config.scratch = config_lib.schedule((0.025,), (8_333,), warmup=166, decay='cosine')
+  config.fsp.stage1 = config_lib.schedule((1e-3, 1e-4), (1_000, 2_777))
+  config.fsp.stage2 = config.scratch
+  assert _summary('scratch_matched', config) == [
+      ('train', ((0.025,), (11_110,), 221, 'cosine'), (('ce', (1.0, 1.0), {}),))]
+  assert config.scratch.until == (8_333,)  # The task schedule itself is left as it was.
+  assert not methods.get('scratch_matched').uses_teacher(config)
+
+
 def test_fsp_has_the_papers_two_stages(config):
   options = {'normalize': config.fsp.normalize, 'weights': None, 'shuffle_seed': None}
   assert _summary('fsp', config) == [
@@ -80,8 +90,8 @@ def test_fitnet_hint_stage_as_fsps_stage1_and_kd_weight_over_tau_squared(config)
 
 
 def test_kd_and_finetune(config):
-  assert _summary('kd', config)[0][2] == (('ce', (1.0, 1.0), {}),
-                                          ('kd', (1.0, 1.0), {'temperature': 4.0}))
+  assert _summary('kd', config)[0][2] == (('ce', (0.1, 0.1), {}),
+                                          ('kd', (0.9, 0.9), {'temperature': 4.0}))
   finetune = methods.get('finetune')
   assert finetune.starts_from_teacher and finetune.network == 'teacher'
   assert _summary('finetune', config)[0][1][0] == (0.01, 0.001, 0.0001)
