@@ -7,6 +7,7 @@ import ml_collections
 from fsp_jax import schedules
 
 CIFAR10 = '../shared/data/cifar10'  # The real CIFAR-10 JPEGs, relative to the checkout.
+CUB_SUBSET = '../shared/data/cub200_subset'  # 100 CUB-200-2011 species, the archive's layout.
 
 def variant(config: ml_collections.ConfigDict, arg: str | None,
             variants: dict[str, Callable[[ml_collections.ConfigDict], object]]):
