@@ -23,7 +23,9 @@ from PIL import Image
 
 from fsp_jax import data, models, sources
 from fsp_jax import steps as steps_lib
-from fsp_jax.methods import Phase, Schedule, Student, Term
+from fsp_jax.adapters import Student
+from fsp_jax.schedules import Schedule
+from fsp_jax.terms import Phase, Term
 
 
 def input_rate(source, preprocess, batch_size: int, batches: int, workers: int) -> float:

@@ -22,7 +22,9 @@ import jax
 import numpy as np
 
 from fsp_jax import data, models, steps
-from fsp_jax.methods import Phase, Schedule, Student, Term
+from fsp_jax.adapters import Student
+from fsp_jax.schedules import Schedule
+from fsp_jax.terms import Phase, Term
 
 KINDS = ('convolution', 'reduction', 'layout', 'elementwise', 'other')
 

@@ -53,50 +53,56 @@ def _first(analysis):
   return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
 
 
-def jax_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int) -> dict:
-  """{step: {'seconds', 'compile_s', 'flops', 'memory_bytes'}} of our library's steps."""
+def jax_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int,
+             dtype: str = 'float32') -> dict:
+  """{step: {'seconds', 'compile_s', 'flops', 'memory_bytes'}} of our library's steps (one
+  step per call), computing in dtype."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fsp_jax import data, models, steps  # pylint: disable=g-import-not-at-top
-  from fsp_jax.methods import Phase, Schedule, Student, Term  # pylint: disable=g-import-not-at-top
+  from fsp_jax.adapters import Student  # pylint: disable=g-import-not-at-top
+  from fsp_jax.schedules import Schedule  # pylint: disable=g-import-not-at-top
+  from fsp_jax.terms import Phase, Term  # pylint: disable=g-import-not-at-top
 
   devices = jax.local_device_count()
   replicate = lambda tree: jax.tree_util.tree_map(
       lambda x: np.stack([np.asarray(x)] * devices), tree)
   schedule = Schedule((1e-3,), (1_000_000,))
   tx = steps.optimizer(schedule, 1e-4, 0.9)
-  teacher = Student(models.get(teacher_name, 10, axis_name='batch'))
-  student = Student(models.get(student_name, 10, axis_name='batch'))
+  teacher = Student(models.get(teacher_name, 10, axis_name='batch', dtype=np.dtype(dtype)))
+  student = Student(models.get(student_name, 10, axis_name='batch', dtype=np.dtype(dtype)))
   teacher_variables = replicate(
       steps.create_train_state(teacher, jax.random.key(1), 32, tx).variables())
   rng = np.random.default_rng(0)
   batch = data.shard({'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
                       'label': rng.integers(0, 10, batch_size).astype(np.int32)}, devices)
-  cached = steps.make_fsp_step(teacher)(teacher_variables, batch['image'])
+  cached = steps.make_fsp_step(teacher)(teacher_variables, batch)
   phase = lambda *terms: Phase('train', schedule, terms)
+  one_call = lambda inputs: jax.tree_util.tree_map(lambda x: x[:, None], inputs)  # 1 step.
   calls = {
       'stage1': (steps.make_train_step(student, teacher, phase(Term('fsp')), tx),
-                 batch, teacher_variables),
+                 one_call(batch), teacher_variables),
       'stage1_cached': (steps.make_train_step(
           student, teacher, phase(Term('fsp', options=(('cached', True),))), tx),
-                        {**batch, 'teacher_fsp': cached}, teacher_variables),
-      'stage2': (steps.make_train_step(student, None, phase(Term('ce')), tx), batch, None),
+                        one_call({**batch, 'teacher_fsp': cached}), teacher_variables),
+      'stage2': (steps.make_train_step(student, None, phase(Term('ce')), tx), one_call(batch),
+                 None),
   }
   results = {}
   for name, (step, inputs, variables) in calls.items():
     state = replicate(steps.create_train_state(student, jax.random.key(0), 32, tx))
     start = time.perf_counter()
-    compiled = step.lower(state, inputs, variables).compile()
+    compiled = step.lower(state, inputs, variables, None).compile()
     compile_s = time.perf_counter() - start
     holder = [state]
 
     def run():
-      holder[0], metrics = compiled(holder[0], inputs, variables)
+      holder[0], metrics = compiled(holder[0], inputs, variables, None)
       jax.block_until_ready(metrics)
 
     results[name] = _measure(compiled, run, compile_s, repeats)
   variables = replicate(steps.create_train_state(student, jax.random.key(0), 32, tx).variables())
-  eval_batch = {**batch, 'mask': np.ones(batch['label'].shape, bool)}
+  eval_batch = batch
   start = time.perf_counter()
   compiled = steps.make_eval_step(student).lower(variables, eval_batch).compile()
   compile_s = time.perf_counter() - start
@@ -127,6 +133,14 @@ def _label(teacher_name: str, student_name: str) -> str:
   return f'{teacher_name[6:]}->{student_name[6:]}'
 
 
+def _ratio(a, b):
+  return None if a is None or b is None else a / b
+
+
+def _cell(value, spec: str) -> str:
+  return '-' if value is None else format(value, spec)
+
+
 def table(rows: list[dict], peak: float) -> str:
   head = ('| pair | step | ours img/s | ours ms | PyTorch img/s | ours / PyTorch | compile s '
           '| GFLOP/step | % of matmul peak | XLA memory MiB |')
@@ -136,8 +150,8 @@ def table(rows: list[dict], peak: float) -> str:
     memory = '-' if r['memory_bytes'] is None else f"{r['memory_bytes'] / 2**20:.0f}"
     lines.append(
         f"| {r['pair']} | {r['step']} | {r['ours_images_per_s']:.0f} | "
-        f"{1000 * r['ours_seconds']:.0f} | {r['torch_images_per_s']:.0f} | "
-        f"{r['ratio']:.2f} | {r['compile_s']:.1f} | {flops / 1e9:.1f} | "
+        f"{1000 * r['ours_seconds']:.0f} | {_cell(r['torch_images_per_s'], '.0f')} | "
+        f"{_cell(r['ratio'], '.2f')} | {r['compile_s']:.1f} | {flops / 1e9:.1f} | "
         f"{100 * flops / r['ours_seconds'] / peak:.0f} | {memory} |")
   return '\n'.join(lines)
 
@@ -152,12 +166,17 @@ def main():
   parser.add_argument('--torch_from', default='',
                       help="a JSON of this script's whose PyTorch times to use instead of "
                            'running the reference')
+  parser.add_argument('--no_torch', action='store_true',
+                      help='ours alone, without the PyTorch reference (an accelerator machine)')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   args = parser.parse_args()
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
   import jax  # pylint: disable=g-import-not-at-top
 
-  if args.torch_from:
+  if args.no_torch:
+    reference, torch_seconds = 'no PyTorch reference', None
+  elif args.torch_from:
     with open(args.torch_from) as f:
       earlier = json.load(f)
     reference = f"torch from {args.torch_from} ({earlier['machine']})"
@@ -179,9 +198,11 @@ def main():
   rows, speedups = [], []
   for pair in args.pairs.split(','):
     teacher_name, student_name = pair.split(':')
-    ours = jax_pair(teacher_name, student_name, args.batch_size, args.repeats)
+    ours = jax_pair(teacher_name, student_name, args.batch_size, args.repeats, args.dtype)
     label = _label(teacher_name, student_name)
-    if args.torch_from:
+    if args.no_torch:
+      theirs = {step: {'seconds': None} for step in STEPS}
+    elif args.torch_from:
       theirs = {step: {'seconds': torch_seconds[label, step]} for step in STEPS}
     else:
       theirs = torch_pair(teacher_name, student_name, args.batch_size, args.repeats)
@@ -191,20 +212,21 @@ def main():
                    'ours_seconds': ours[step]['seconds'],
                    'ours_images_per_s': args.batch_size / ours[step]['seconds'],
                    'torch_seconds': theirs[step]['seconds'],
-                   'torch_images_per_s': args.batch_size / theirs[step]['seconds'],
-                   'ratio': theirs[step]['seconds'] / ours[step]['seconds']})
+                   'torch_images_per_s': _ratio(args.batch_size, theirs[step]['seconds']),
+                   'ratio': _ratio(theirs[step]['seconds'], ours[step]['seconds'])})
     by_step = {r['step']: r for r in rows[-len(STEPS):]}
-    ours, theirs = (by_step['stage1'][f'{who}_seconds'] / by_step['stage1_cached'][f'{who}_seconds']
-                    for who in ('ours', 'torch'))
+    ours, theirs = (_ratio(by_step['stage1'][f'{who}_seconds'],
+                           by_step['stage1_cached'][f'{who}_seconds']) for who in ('ours', 'torch'))
     speedups.append(f"{rows[-1]['pair']}: the cache makes stage 1 {ours:.2f}x faster "
-                    f'(PyTorch reference: {theirs:.2f}x)')
-  print(f'\n{machine}; batch {args.batch_size}; matmul peak {peak / 1e9:.0f} GFLOP/s\n')
+                    f'(PyTorch reference: {_cell(theirs, ".2f")}x)')
+  print(f'\n{machine}; batch {args.batch_size}, {args.dtype}; matmul peak {peak / 1e9:.0f} '
+        'GFLOP/s\n')
   print(table(rows, peak))
   print('\n' + '\n'.join(speedups))
   if args.out:
     with open(args.out, 'w') as f:
-      json.dump({'machine': machine, 'batch_size': args.batch_size, 'matmul_flops': peak,
-                 'rows': rows}, f, indent=1)
+      json.dump({'machine': machine, 'batch_size': args.batch_size, 'dtype': args.dtype,
+                 'matmul_flops': peak, 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -16,50 +16,43 @@ import json
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fsp_jax import adapters, checkpoints, data, losses, models, schedules, sources, steps
+from fsp_jax.terms import Phase, Term
 
 HINT = 'stage2_out'
 
 
-def teacher_hints(checkpoint, images):
-  """The teacher's hint [B, 16, 16, 32] on each batch of images."""
+def load_teacher(checkpoint, image_size):
+  """The trained ResNet-26 and its variables."""
   teacher = models.get('resnet26', 10)
-  variables = checkpoints.load_variables(checkpoint, teacher, images[0].shape[1])
-  apply = jax.jit(lambda x: teacher.apply(variables, x, train=False)[1][HINT])
-  return [apply(x) for x in images]
+  return teacher, checkpoints.load_variables(checkpoint, teacher, image_size)
 
 
-def run(images, hints, normalize, weight, clip, lr, num_steps):
+def run(images, teacher, teacher_variables, normalize, weight, clip, lr, num_steps):
   """[{'step', 'loss', 'grad_norm', 'relative_error', 'alive': {stage: fraction}}, ...]."""
-  student = adapters.Student(models.get('resnet8', 10), hint=(HINT, hints[0].shape[-1]))
+  width = teacher.widths[int(HINT[len('stage')]) - 1]  # The hint's channels.
+  student = adapters.Student(models.get('resnet8', 10), hint=(HINT, width))
   variables = student.init(jax.random.key(0), images[0][:1], train=False)
-  tx = steps.optimizer(schedules.Schedule((lr,), (num_steps,)), 5e-4, 0.9, clip)
-
-  def loss_fn(params, batch_stats, x, hint):
-    (_, features), updates = student.apply({'params': params, 'batch_stats': batch_stats}, x,
-                                           train=True, mutable=['batch_stats'])
-    loss = weight * losses.hint_loss(features['hint'], hint, normalize)
-    return loss, (updates['batch_stats'], features)
+  phase = Phase('stage1', schedules.Schedule((lr,), (num_steps,)), (Term(
+      'hint', (weight, weight), (('layer', HINT), ('normalize', normalize))),), clip)
+  tx = steps.optimizer(phase.schedule, 5e-4, 0.9, clip)
 
   @jax.jit
-  def step(params, batch_stats, opt_state, x, hint):
-    (loss, (batch_stats, features)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, x, hint)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    alive = {k: jnp.mean(jnp.any(features[k] > 0, axis=(0, 1, 2)))
-             for k in features if k.endswith('_out')}
-    return (optax.apply_updates(params, updates), batch_stats, opt_state, loss,
-            optax.tree.norm(grads), losses.hint_loss(features['hint'], hint, 'teacher'), alive)
+  def step(state, x, teacher_variables):
+    batch = {'image': x, 'label': jnp.zeros(len(x), jnp.int32)}
+    state, metrics, out = steps.train_step(state, batch, teacher_variables, student=student,
+                                           teacher=teacher, phase=phase, tx=tx, axis_name=None)
+    alive = {k: jnp.mean(jnp.any(out.features[k] > 0, axis=(0, 1, 2)))
+             for k in out.features if k.endswith('_out')}
+    error = losses.hint_loss(out.features['hint'], out.teacher_features[HINT], 'teacher')
+    return state, metrics['loss'], metrics['grad_norm'], error, alive
 
-  params, batch_stats = variables['params'], variables['batch_stats']
-  opt_state = tx.init(params)
+  state = steps.fresh_state(variables, tx)
   trace = []
   for k in range(num_steps):
-    x, hint = images[k % len(images)], hints[k % len(images)]
-    params, batch_stats, opt_state, loss, grad_norm, error, alive = step(
-        params, batch_stats, opt_state, x, hint)
+    state, loss, grad_norm, error, alive = step(state, images[k % len(images)],
+                                                teacher_variables)
     trace.append({'step': k + 1, 'loss': float(loss), 'grad_norm': float(grad_norm),
                   'relative_error': float(error), 'alive': {a: float(v) for a, v in alive.items()}})
   return trace
@@ -92,13 +85,13 @@ def main():
   batches = data.train_batches(source, data.Preprocess(32, 'cifar'), 32, seed=0,
                                process_index=0, process_count=1)
   images = [jnp.asarray(next(batches)['image']) for _ in range(args.batches)]
-  hints = teacher_hints(args.teacher, images)
+  teacher, teacher_variables = load_teacher(args.teacher, 32)
   runs = []
   for setting in args.settings.split(','):
     normalize, weight, clip = setting.split(':')
     runs.append({'normalize': normalize, 'weight': float(weight), 'clip': float(clip)})
-    runs[-1]['trace'] = run(images, hints, normalize, float(weight), float(clip), args.lr,
-                            args.steps)
+    runs[-1]['trace'] = run(images, teacher, teacher_variables, normalize, float(weight),
+                            float(clip), args.lr, args.steps)
     print(markdown(runs[-1:], args.steps), flush=True)
   print(markdown(runs, args.steps))
   if args.out:

@@ -7,7 +7,6 @@ r"""Runs an experiment of the paper from an ml_collections config file.
 A workdir that holds an interrupted run of the same config resumes it.
 """
 
-import re
 import signal
 import sys
 
@@ -17,12 +16,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from fsp_jax import config as config_lib
 from fsp_jax import experiment, trainer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
-config_flags.DEFINE_config_file('config', None, 'Experiment configuration file.',
-                                lock_config=True)
 flags.DEFINE_bool('allow_config_change', False, 'Continue a workdir whose run had other '
                   'settings (nets already finished are kept).')
 flags.DEFINE_bool('multihost', False, 'Join a multi-host run with jax.distributed settings '
@@ -31,7 +29,7 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, to joi
                     'run without detection (several GPU machines, or CPU processes).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the run, with --coordinator_address.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 
 def _fail(message: str) -> None:
@@ -40,26 +38,52 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-def _first_and_last_line(error: Exception) -> str:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  first = lines[0].removesuffix(' Error whilst parsing config file:')
-  return first if len(lines) == 1 else f'{first} {lines[-1]}'
+def _config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+  """The value of --config (a config file, 'path' or 'path:variant') and argv without it."""
+  spec, rest, args = None, argv[:1], iter(argv[1:])
+  for arg in args:
+    if arg.startswith('--config='):
+      spec = arg[len('--config='):]
+    elif arg == '--config':
+      spec = next(args, '')
+    else:
+      rest.append(arg)
+  return spec, rest
+
+
+def _overridden_keys(argv: list[str]) -> list[tuple[str, str]]:
+  """(flag, dotted key) of every --config.key=value (or boolean --[no]config.key) in argv."""
+  found = []
+  for arg in argv:
+    flag = arg.split('=', 1)[0]
+    for prefix in ('--config.', '--noconfig.'):
+      if flag.startswith(prefix):
+        found.append((flag, flag[len(prefix):]))
+  return found
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with one short line for a bad flag (config_flags puts a traceback
-  into its message, and an unknown --config.key escapes as an AttributeError)."""
+  """absl's flag parsing, after loading the config file and checking every --config.key
+  against it ourselves: each mistake is one line naming the flag."""
+  spec, rest = _config_file(argv)
+  if not spec:
+    _fail('flag --config is required: an experiment config file, for example '
+          '--config=experiments/configs/quickstart.py (or path:variant).')
   try:
-    return FLAGS(argv)
-  except flags.Error as e:  # A bad value or variant.
-    _fail(_first_and_last_line(e))
-  except (AttributeError, KeyError) as e:  # An unknown --config.key.
-    text = str(e).replace('\\', '')
-    key = re.search(r"'(\w+)'", text).group(1)
-    hint = re.search(r'Did you mean "\w+" instead of "\w+"\?', text)
-    named = [a.split('=')[0] for a in argv if a.startswith('--config.') and key in a]
-    _fail(f'flag {named[0] if named else "--config"}: the config has no key {key!r}.'
-          + (f' {hint.group(0)}' if hint else ''))
+    config = config_lib.load_file(spec)
+  except ValueError as e:
+    _fail(f'flag --config: {e}')
+  for flag, key in _overridden_keys(rest):
+    try:
+      config_lib.check_key(config, key)
+    except ValueError as e:
+      _fail(f'flag {flag}: {e}')
+  config_flags.DEFINE_config_dict('config', config, f'The experiment config ({spec}).',
+                                  lock_config=True, sys_argv=rest)
+  try:
+    return FLAGS(rest)
+  except flags.Error as e:  # A value of the wrong type: absl names the flag and the value.
+    _fail(str(e))
 
 
 def main(argv):
@@ -71,16 +95,15 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.multihost:
     jax.distributed.initialize()
-  config = FLAGS.config
   try:
-    config.keys()  # A config file that did not load is reported at its first use.
-  except OSError as e:
-    _fail(f'flag --config: {_first_and_last_line(e)}')
-  try:
-    experiment.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
+    experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
   except trainer.Preempted as e:
     print(e, flush=True)
-    sys.exit(128 + signal.SIGTERM)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # A second Ctrl-C, or one before training began.
+    print('Interrupted: nothing was saved since the last checkpoint; run the same command '
+          'again to resume from it.', file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
   except (ValueError, RuntimeError, FloatingPointError) as e:  # The message says it all.
     if FLAGS['verbosity'].present:
       raise

@@ -1,8 +1,12 @@
-r"""Results tables in the form of the paper's (Net 1..k, Avg, Ensemble, #Iter), and a report
-with the paper's numbers beside ours and plots, from finished experiments' workdirs:
+r"""The reproduction's report: our tables beside the paper's, the paired differences that
+decide each claim, and plots, read from finished experiments' workdirs.
 
-  python -m fsp_jax.report --out=results --notes=results/notes.md \
-      table1=runs/fast_opt_cifar10_cpu table3=runs/minimize_cifar10_cpu table5=runs/transfer
+  python experiments/report.py --out=results --notes=results/notes.md \
+      table1=results/runs/fast_opt_cifar10_cpu table3=results/runs/minimize_cifar10_cpu \
+      table5=results/runs/transfer_cub_cpu
+
+The paper's numbers and what each table compares live here, beside the experiments, not in
+the training library (whose `results` module writes every run's own table).
 """
 
 import argparse
@@ -12,7 +16,46 @@ from matplotlib.figure import Figure  # Not pyplot: a notebook's backend stays t
 import numpy as np
 
 from fsp_jax import methods
+from fsp_jax.layout import Layout
 from fsp_jax.results import iterations, load_run, percent
+
+TEACHER = methods.TEACHER.name
+
+# The paper's numbers by table and method: (Net 1, Net 2, Net 3, Avg, Ens, #Iter); None where
+# the paper gives none. Methods are ours: 'scratch' is Teacher* / Student alone.
+PAPER = {
+    'table1': ('Table 1: fast optimisation, CIFAR-10, ResNet-26 -> ResNet-26', {
+        TEACHER: (91.61, 91.56, 92.09, 91.75, 93.48, '192k'),
+        'scratch': (90.47, 90.83, 90.62, 90.64, 92.60, '63k'),
+        'fitnet': (91.69, 91.85, 91.64, 91.72, 92.98, '98k'),
+        'fsp': (92.28, 92.08, 92.07, 92.14, 93.26, '84k'),
+        'fsp_shuffled': (92.28, 91.89, 92.08, 92.08, 93.67, '126k')}),
+    'table3': ('Table 3: network minimisation, CIFAR-10, ResNet-26 -> ResNet-8', {
+        TEACHER: (None, None, None, 91.91, None, None),
+        'scratch': (None, None, None, 87.91, None, None),
+        'fitnet': (None, None, None, 88.57, None, None),
+        'fsp': (None, None, None, 88.70, None, None)}),
+    'table5': ('Table 5: transfer learning (paper: ImageNet ResNet-34 -> ResNet-20 on '
+               'CUB-200-2011)', {
+        'finetune': (None, None, None, 77.72, None, None),
+        'teacher_scratch': (None, None, None, 47.53, None, None),
+        'scratch': (None, None, None, 47.73, None, None),
+        'fitnet': (None, None, None, 70.19, None, None),
+        'fsp': (None, None, None, 74.26, None, None)}),
+}
+
+# The claims each table tests: (method, than): `method` is more accurate than `than`, judged
+# by the seed-paired differences of the rows' nets. Pairs whose rows are absent are left out.
+CLAIMS = {
+    'table1': [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
+               ('fitnet', 'scratch'), ('fsp', 'fitnet')],
+    'table3': [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
+               ('fitnet', 'scratch'), ('fsp', 'fitnet'), ('fsp', 'kd'), ('fsp', 'at'),
+               ('kd', 'scratch'), ('at', 'scratch')],
+    'table5': [('fsp', 'scratch'), ('fitnet', 'scratch'), ('fsp', 'fitnet'),
+               ('finetune', 'teacher_scratch'), ('fsp', 'teacher_scratch'),
+               ('finetune', 'fsp')],
+}
 
 
 def _label(method: str) -> str:
@@ -23,69 +66,58 @@ def _color(method: str) -> str:
   return methods.get(method).color
 
 
-# The paper's numbers by table and method: (Net 1, Net 2, Net 3, Avg, Ens, #Iter); None where
-# the paper gives none. Methods are ours: 'scratch' is Teacher* / Student alone.
-PAPER = {
-    'table1': ('Table 1: fast optimisation, CIFAR-10, ResNet-26 -> ResNet-26', {
-        'teacher': (91.61, 91.56, 92.09, 91.75, 93.48, '192k'),
-        'scratch': (90.47, 90.83, 90.62, 90.64, 92.60, '63k'),
-        'fitnet': (91.69, 91.85, 91.64, 91.72, 92.98, '98k'),
-        'fsp': (92.28, 92.08, 92.07, 92.14, 93.26, '84k'),
-        'fsp_shuffled': (92.28, 91.89, 92.08, 92.08, 93.67, '126k')}),
-    'table3': ('Table 3: network minimisation, CIFAR-10, ResNet-26 -> ResNet-8', {
-        'teacher': (None, None, None, 91.91, None, None),
-        'scratch': (None, None, None, 87.91, None, None),
-        'fitnet': (None, None, None, 88.57, None, None),
-        'fsp': (None, None, None, 88.70, None, None)}),
-    'table5': ('Table 5: transfer, ImageNet ResNet-34 -> ResNet-20 on CUB-200-2011', {
-        'finetune': (None, None, None, 77.72, None, None),
-        'teacher_scratch': (None, None, None, 47.53, None, None),
-        'scratch': (None, None, None, 47.73, None, None),
-        'fitnet': (None, None, None, 70.19, None, None),
-        'fsp': (None, None, None, 74.26, None, None)}),
-}
 def _task_offset(history: dict) -> int:
   """Iterations before the task stage (stage 1's length; 0 for one-stage methods)."""
   return max([step for step, phase, _ in history['train'] if phase == 'stage1'], default=0)
 
 
+def _mean_curve(ax, method: str, curves: list[tuple]) -> None:
+  """Each net's curve thin, their mean bold where the nets were measured at the same steps."""
+  for steps, values in curves:
+    ax.plot(steps, values, color=_color(method), alpha=0.3, lw=1)
+  if len({tuple(steps) for steps, _ in curves}) == 1:
+    ax.plot(curves[0][0], np.mean([values for _, values in curves], axis=0),
+            color=_color(method), lw=2, label=f'{_label(method)} (mean of {len(curves)})')
+
+
 def plot_accuracy(run: dict, title: str, path: str) -> None:
-  """Test accuracy vs task-stage iteration: each net thin, the mean of the nets bold."""
-  fig = Figure(figsize=(7, 4.5))
-  ax = fig.subplots()
+  """Test accuracy and training loss vs task-stage iteration, for every method's nets."""
+  fig = Figure(figsize=(12, 4.5))
+  accuracy_ax, loss_ax = fig.subplots(1, 2)
   for method, results in run['results'].items():
-    if method == 'teacher':
-      continue
-    curves = []
+    accuracy, loss = [], []
     for result in results:
-      offset = _task_offset(result['history'])
-      steps, accuracy = zip(*[(s - offset, 100 * a) for s, a in result['history']['eval']])
-      ax.plot(steps, accuracy, color=_color(method), alpha=0.3, lw=1)
-      curves.append(accuracy)
-    if len({len(c) for c in curves}) == 1:
-      ax.plot(steps, np.mean(curves, axis=0), color=_color(method), lw=2, marker='o',
-              ms=3, label=f'{_label(method)} (mean of {len(curves)})')
-  ax.set_xlabel('iteration of the task stage (after any stage 1)')
-  ax.set_ylabel('test accuracy (%)')
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+      offset, history = _task_offset(result['history']), result['history']
+      accuracy.append(tuple(zip(*[(s - offset, 100 * a) for s, a in history['eval']])))
+      loss.append(tuple(zip(*[(s - offset, value) for s, phase, value in history['train']
+                              if s > offset])))
+    if results:
+      _mean_curve(accuracy_ax, method, accuracy)
+      _mean_curve(loss_ax, method, loss)
+  accuracy_ax.set_ylabel('test accuracy (%)')
+  loss_ax.set_ylabel('training loss of the task stage (at log steps)')
+  loss_ax.set_yscale('log')
+  for ax in (accuracy_ax, loss_ax):
+    ax.set_xlabel('iteration of the task stage (after any stage 1)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
 
 
-def plot_fsp_loss(run: dict, title: str, path: str) -> None:
-  """Stage 1's FSP loss vs iteration (log scale), one line per net of fsp / fsp_shuffled."""
+def plot_fsp_loss(run: dict, learners: list[str], title: str, path: str) -> None:
+  """Stage 1's FSP loss vs iteration (log scale), one line per net of each method."""
   fig = Figure(figsize=(7, 4.5))
   ax = fig.subplots()
-  for method in ('fsp', 'fsp_shuffled'):
-    for k, result in enumerate(run['results'].get(method, [])):
+  for method in learners:
+    for k, result in enumerate(run['results'][method]):
       points = [(s, loss) for s, phase, loss in result['history']['train'] if phase == 'stage1']
       ax.plot(*zip(*points), color=_color(method), alpha=0.8, lw=1,
               label=_label(method) if k == 0 else None)
   ax.set_yscale('log')
   ax.set_xlabel('stage-1 iteration')
-  ax.set_ylabel('FSP loss (sum over stages of squared L2)')
+  ax.set_ylabel('stage-1 loss (weight x relative FSP error, summed over stages)')
   ax.set_title(title)
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
@@ -141,30 +173,88 @@ def comparison_table(rows: list[dict], paper: dict) -> str:
   return '\n'.join(lines)
 
 
-def gains(rows: list[dict], paper: dict, baseline: str = 'scratch') -> list[str]:
-  """One line per method: its average minus the baseline's, here and in the paper, and the
-  seed-paired differences (net k of each row shares seed k) with their mean, sample standard
-  deviation and sign count; then each row's gap to the teacher."""
+def verdict(differences: list[float]) -> str:
+  """'held' where every seed's difference is positive and their mean exceeds twice its
+  standard error, 'did not hold' where the same is true of the opposite, else 'within the
+  seeds' spread'."""
+  mean = np.mean(differences)
+  standard_error = np.std(differences, ddof=1) / np.sqrt(len(differences))
+  if mean > 2 * standard_error and min(differences) > 0:
+    return 'held'
+  if mean < -2 * standard_error and max(differences) < 0:
+    return 'did not hold'
+  return "within the seeds' spread"
+
+
+def claim_lines(rows: list[dict], paper: dict, claims: list[tuple[str, str]]) -> list[str]:
+  """One line per claim (method, than) whose two rows are present: its verdict, the
+  difference of the averages (and the paper's), the seed-paired differences (net k of each row
+  shares seed k) with their mean and standard error, and the rows' iterations."""
   by_method = {row['method']: row for row in rows}
   lines = []
-  for method, row in by_method.items():
-    if baseline not in by_method or method in (baseline, 'teacher'):
+  for method, than in claims:
+    if method not in by_method or than not in by_method:
       continue
-    ours = 100 * (row['avg'] - by_method[baseline]['avg'])
-    line = f'- {_label(method)} - {_label(baseline)}: {ours:+.2f} points'
-    if method in paper and baseline in paper:
-      line += f' (paper: {paper[method][3] - paper[baseline][3]:+.2f})'
-    paired = [100 * (a - b) for a, b in zip(row['nets'], by_method[baseline]['nets'])]
+    a, b = by_method[method], by_method[than]
+    paired = [100 * (x - y) for x, y in zip(a['nets'], b['nets'])]
+    line = f'- {_label(method)} > {_label(than)}'
     if len(paired) > 1:
+      line += f': **{verdict(paired)}**'
+    line += f' ({100 * (a["avg"] - b["avg"]):+.2f} points'
+    if method in paper and than in paper:
+      line += f'; paper {paper[method][3] - paper[than][3]:+.2f}'
+    line += ')'
+    if len(paired) > 1:
+      standard_error = np.std(paired, ddof=1) / np.sqrt(len(paired))
       line += (f'; per seed {", ".join(f"{d:+.2f}" for d in paired)} (mean '
-               f'{np.mean(paired):+.2f}, sd {np.std(paired, ddof=1):.2f}; higher in '
+               f'{np.mean(paired):+.2f} +- {standard_error:.2f}, higher in '
                f'{sum(d > 0 for d in paired)} of {len(paired)})')
+    line += f'; #Iter {iterations(a["iterations"])} against {iterations(b["iterations"])}'
     lines.append(line)
-  if 'teacher' in by_method:
-    teacher = by_method['teacher']['avg']
-    lines += [f'- Teacher - {_label(m)}: {100 * (teacher - row["avg"]):+.2f} points'
-              for m, row in by_method.items() if m != 'teacher']
+  if TEACHER in by_method:
+    teacher = by_method[TEACHER]['avg']
+    gaps = ', '.join(f'{_label(m)} {100 * (teacher - row["avg"]):+.2f}'
+                     for m, row in by_method.items() if m != TEACHER)
+    lines.append(f'- The teacher\'s lead ({percent(teacher)}%) over each row: {gaps} points')
   return lines
+
+
+def table_section(name: str, workdir: str, out_dir: str) -> list[str]:
+  """A table's part of the report: its setting, the table, the claims and the plots."""
+  title, paper = PAPER[name]
+  run = load_run(workdir)
+  config, data = run['config'], run['config']['data']
+  subset = f' classes {", ".join(data["classes"])}' if data.get('classes') else ''
+  if data.get('max_per_class'):
+    subset += f' ({data["max_per_class"]} training images per class)'
+  parts = [f'\n## {title}\n',
+           f'Ours: {config["teacher"]["model"]} -> {config["student"]["model"]} on '
+           f'{data["root"] or data["name"]}{subset}, image size {data["image_size"]}, batch '
+           f'{config["batch_size"]}; seeds {config["seed"]}..'
+           f'{config["seed"] + config["num_nets"] - 1} (net k uses seed + k - 1). Accuracy in %; '
+           '#Iter is one net\'s iterations, stage 1 included, as in the paper; Wall the time '
+           'of all the nets of a row.\n',
+           comparison_table(run['rows'], paper) + '\n']
+  lines = claim_lines(run['rows'], paper, CLAIMS[name])
+  if lines:
+    parts += ['Each claim, by the seed-paired differences in points (held: every seed agrees '
+              'and the mean exceeds twice its standard error; did not hold: the same, the other '
+              'way):\n', '\n'.join(lines) + '\n']
+  plot_accuracy(run, f'{name}: test accuracy and training loss during the task stage',
+                os.path.join(out_dir, f'{name}_accuracy.png'))
+  parts.append(f'![test accuracy]({name}_accuracy.png)\n')
+  layout = Layout(workdir)
+  learners = [m for m, results in run['results'].items()
+              if results and os.path.exists(layout.net(m, 1).fsp_matrices)]
+  if learners:
+    plot_fsp_loss(run, learners, f'{name}: FSP loss during stage 1',
+                  os.path.join(out_dir, f'{name}_fsp_loss.png'))
+    parts.append(f'![FSP loss]({name}_fsp_loss.png)\n')
+    plot_fsp_matrices(layout.net(learners[0], 1).fsp_matrices,
+                      f'{name}: mean FSP matrices on the first test images ({learners[0]} net 1)',
+                      os.path.join(out_dir, f'{name}_fsp_matrices.png'))
+    parts.append(f'![FSP matrices]({name}_fsp_matrices.png)\n')
+  return parts
 
 
 def write_report(runs: dict[str, str], out_dir: str, notes: str = '') -> str:
@@ -175,40 +265,7 @@ def write_report(runs: dict[str, str], out_dir: str, notes: str = '') -> str:
   os.makedirs(out_dir, exist_ok=True)
   parts = ['# Reproducing "A Gift from Knowledge Distillation" with fsp_jax\n', notes]
   for name, workdir in runs.items():
-    title, paper = PAPER[name]
-    run = load_run(workdir)
-    config = run['config']
-    parts.append(f'\n## {title}\n')
-    data = config['data']
-    subset = ''
-    if data.get('classes'):
-      subset = f' classes {", ".join(data["classes"])}'
-    if data.get('max_per_class'):
-      subset += f' ({data["max_per_class"]} training images per class)'
-    parts.append(f'Ours: {config["teacher"]["model"]} -> {config["student"]["model"]} on '
-                 f'{data["root"] or data["name"]}{subset}, image size {data["image_size"]},'
-                 f' batch {config["batch_size"]}; seeds {config["seed"]}..'
-                 f'{config["seed"] + config["num_nets"] - 1} (net k uses seed + k - 1). '
-                 'Accuracy in %; #Iter is one net\'s iterations, stage 1 included, as in '
-                 'the paper; Wall the time of all the nets of a row.\n')
-    parts.append(comparison_table(run['rows'], paper) + '\n')
-    lines = gains(run['rows'], paper)
-    if lines:
-      parts.append('Average accuracy over the student trained alone, here and in the paper, '
-                   'and the gap to the teacher:\n')
-      parts.append('\n'.join(lines) + '\n')
-    plot_accuracy(run, f'{name}: test accuracy during the task stage',
-                  os.path.join(out_dir, f'{name}_accuracy.png'))
-    parts.append(f'![test accuracy]({name}_accuracy.png)\n')
-    if 'fsp' in run['results']:
-      plot_fsp_loss(run, f'{name}: FSP loss during stage 1',
-                    os.path.join(out_dir, f'{name}_fsp_loss.png'))
-      parts.append(f'![FSP loss]({name}_fsp_loss.png)\n')
-      npz = os.path.join(workdir, 'fsp', 'net1', 'fsp_matrices.npz')
-      if os.path.exists(npz):
-        plot_fsp_matrices(npz, f'{name}: mean FSP matrices on the first test images '
-                          '(net 1)', os.path.join(out_dir, f'{name}_fsp_matrices.png'))
-        parts.append(f'![FSP matrices]({name}_fsp_matrices.png)\n')
+    parts += table_section(name, workdir, out_dir)
   path = os.path.join(out_dir, 'REPORT.md')
   with open(path, 'w') as f:
     f.write('\n'.join(parts))
@@ -224,7 +281,7 @@ def main(argv=None):
   runs = {}
   for item in args.runs:
     name, _, workdir = item.partition('=')
-    if name not in PAPER or not os.path.exists(os.path.join(workdir, 'results.json')):
+    if name not in PAPER or not os.path.exists(Layout(workdir).results_json):
       parser.error(f'{item!r}: expected table=workdir with table one of {sorted(PAPER)} and '
                    'a finished experiment (its results.json) in workdir.')
     runs[name] = workdir

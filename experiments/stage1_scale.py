@@ -25,9 +25,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fsp_jax import checkpoints, data, fsp, losses, models, schedules, sources, steps
+from fsp_jax.terms import Phase, Term
 
 PAIRS = {  # name: (teacher, student, width, image size, teacher classes)
     '26-26': ('resnet26', 'resnet26', 1, 32, 10),
@@ -75,24 +75,21 @@ def _with_fsp(features):
 
 
 def student_step_fn(model, normalize, lr, scale, clip, num_steps):
-  """The library's stage-1 optimizer at a constant lr; a jitted step that also returns the
-  gradient's norm, the student's matrices and its alive units."""
-  tx = steps.optimizer(schedules.Schedule((lr,), (num_steps,)), 1e-4, 0.9, clip)
-
-  def loss_fn(params, batch_stats, images, g_teacher):
-    (_, features), updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                                         train=True, mutable=['batch_stats'])
-    g_student = fsp.fsp_matrices(features)
-    loss = scale * losses.fsp_l2(g_student, g_teacher, normalize=normalize)
-    return loss, (updates['batch_stats'], g_student, alive(features))
+  """The library's stage-1 step (`steps.train_step`, one device) at a constant lr on the
+  teacher's matrices given with each batch; jitted, it also returns the student's matrices
+  and its alive units."""
+  phase = Phase('stage1', schedules.Schedule((lr,), (num_steps,)), (Term(
+      'fsp', (scale, scale), (('normalize', normalize), ('cached', True))),), clip)
+  tx = steps.optimizer(phase.schedule, 1e-4, 0.9, clip)
 
   @jax.jit
-  def step(params, batch_stats, opt_state, images, g_teacher):
-    (loss, (batch_stats, g_student, alive_units)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(params, batch_stats, images, g_teacher)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, batch_stats, opt_state, loss, optax.tree.norm(grads), g_student, alive_units
+  def step(state, images, g_teacher):
+    batch = {'image': images, 'label': jnp.zeros(len(images), jnp.int32),
+             'teacher_fsp': g_teacher}
+    state, metrics, out = steps.train_step(state, batch, None, student=model, teacher=None,
+                                           phase=phase, tx=tx, axis_name=None)
+    return (state, metrics['loss'], metrics['grad_norm'], fsp.fsp_matrices(out.features),
+            alive(out.features))
 
   return tx, step
 
@@ -125,14 +122,12 @@ def run_pair(pair, args, source):
   for normalize in args.normalize.split(','):
     tx, step = student_step_fn(student, normalize, args.lr, args.scale, args.clip,
                                args.steps)
-    params, batch_stats = init['params'], init['batch_stats']
-    opt_state = tx.init(params)
+    state = steps.fresh_state(init, tx)
     start = time.time()
     trace = []
     for k in range(args.steps):
       x, target = images[k % len(images)], targets[k % len(images)]
-      params, batch_stats, opt_state, loss, grad_norm, g_s, alive_units = step(
-          params, batch_stats, opt_state, x, target)
+      state, loss, grad_norm, g_s, alive_units = step(state, x, target)
       trace.append({'loss': float(loss), 'grad_norm': float(grad_norm),
                     'relative_error': relative_error(g_s, target), 'alive': float(alive_units)})
       if not np.isfinite(trace[-1]['loss']) or not np.isfinite(trace[-1]['grad_norm']):

@@ -14,6 +14,7 @@ import os
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fsp_jax import logs
@@ -35,6 +36,23 @@ def _quiet():
   finally:
     for name, level in levels.items():
       logging.getLogger(name).setLevel(level)
+
+
+class WriteError(RuntimeError):
+  """A checkpoint or result that could not be written (a full disk, a read-only folder)."""
+
+
+@contextlib.contextmanager
+def writing(path: str, intact: str):
+  """Reports a file that cannot be written (a full disk, a read-only folder) as one WriteError
+  naming it and what is intact; the traceback stays with --verbosity."""
+  try:
+    with _quiet():
+      yield
+  except (OSError, ValueError) as e:  # Orbax reports an OSError as a ValueError.
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise WriteError(f'{path} could not be written: {cause}; {intact}. Free space (or fix the '
+                     'folder) and run the same command again.') from e
 
 
 class PhaseCheckpoints:
@@ -82,29 +100,82 @@ class PhaseCheckpoints:
     self.manager = self._open()
 
   def save(self, step: int, state, history: dict) -> None:
-    """Writes a checkpoint and returns once it is committed; raises if it was not written."""
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
-    self.manager.wait_until_finished()
-    self.manager.reload()
-    if not saved or step not in self.manager.all_steps():
-      raise RuntimeError(f'[{self.where}] checkpoint {step} was not written to '
-                         f'{self.directory} (it has steps {self.manager.all_steps()}).')
+    """Writes a checkpoint and returns once it is committed. Raises WriteError in one line
+    where it was not written (a full disk, say), naming the file and the intact checkpoint."""
+    before = self.manager.all_steps()
+    try:
+      with _quiet():
+        saved = self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
+        self.manager.wait_until_finished()
+      self.manager.reload()
+      if not saved or step not in self.manager.all_steps():
+        raise RuntimeError(f'it has steps {self.manager.all_steps()} after the save')
+    except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore, OS errors)
+      cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      intact = (f'checkpoint {max(before)} there is intact' if before else
+                'no checkpoint of this phase was saved before')
+      raise WriteError(f'[{self.where}] checkpoint {step} could not be written to '
+                       f'{self.directory}: {cause}; {intact}. Free space (or fix the folder) '
+                       'and run the same command again to resume.') from e
 
   def close(self) -> None:
     self.manager.close()
 
 
+def _flat(tree, prefix: str = '') -> dict:
+  """{'params/head/kernel': leaf, ...} of a nested dict."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, value in tree.items() for k, v in _flat(value, f'{prefix}/{key}'
+                                                                  if prefix else key).items()}
+
+
+def _mismatch(found: dict, expected: dict) -> str | None:
+  """What first differs between a checkpoint's tree and the model's, or None: a parameter
+  one has and the other lacks (another depth), then a shape (another width, or classes), then
+  a dtype."""
+  found, expected = _flat(found), _flat(expected)
+  order = lambda key: (not key.startswith('params/'), key)  # Parameters first, by name.
+  missing = sorted(set(expected) - set(found), key=order)
+  unexpected = sorted(set(found) - set(expected), key=order)
+  if missing:
+    return f'it has no {missing[0]} (the model\'s {expected[missing[0]].shape})'
+  if unexpected:
+    return f'it has {unexpected[0]}, which the model lacks'
+  for key in sorted(expected, key=order):
+    have, want = tuple(np.shape(found[key])), tuple(expected[key].shape)
+    if have != want:
+      if key.endswith(('head/kernel', 'head/bias')) and have[:-1] == want[:-1]:
+        return (f'its classifier has {have[-1]} classes where the model has {want[-1]} '
+                f'({key} {have} against {want})')
+      return f'{key} is {have} there and {want} in the model'
+    if np.dtype(np.asarray(found[key]).dtype) != np.dtype(expected[key].dtype):
+      return f'{key} is {np.asarray(found[key]).dtype} there and {expected[key].dtype} in the model'
+  return None
+
+
 def load_variables(path: str, model, image_size: int) -> dict:
   """A `fsp_jax.models` network's {'params', 'batch_stats'} from an Orbax checkpoint of them
-  (a finished run's model/ folder, or `python -m fsp_jax.convert`'s output)."""
+  (a finished run's model/ folder, or `python -m fsp_jax.convert`'s output). A checkpoint that
+  cannot be read, or whose tree differs from the model's in any key, shape or dtype, raises
+  ValueError naming the path and the first difference."""
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   target = jax.eval_shape(lambda x: model.clone(axis_name=None).init(
       jax.random.key(0), x, train=False), x)
+  target = {kind: target[kind] for kind in ('params', 'batch_stats')}
+  described = (f'a {type(model).__name__} of {tuple(model.stage_sizes)} blocks, widths '
+               f'{tuple(model.widths)} and {model.num_classes} classes')
+  if not os.path.isdir(path):
+    raise ValueError(f'{path} is {"a file" if os.path.exists(path) else "absent"}; expected '
+                     f'the folder of an Orbax checkpoint of {described}.')
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(os.path.abspath(path), dict(target))
-  except Exception as e:  # Orbax raises several kinds for missing or mismatched trees.
-    raise ValueError(f'Cannot restore a {type(model).__name__} ({model.stage_sizes} blocks, '
-                     f'widths {model.widths}) from {path}: {e}') from e
-  return {kind: restored[kind] for kind in ('params', 'batch_stats')}
+    with _quiet(), ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(os.path.abspath(path))
+  except Exception as e:  # Orbax raises several kinds for missing or broken files.
+    raise ValueError(f'{path} cannot be read as an Orbax checkpoint: {type(e).__name__}: '
+                     f'{str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}') from e
+  mismatch = _mismatch({kind: restored.get(kind, {}) for kind in target}, target)
+  if mismatch:
+    raise ValueError(f'{path} does not hold {described}: {mismatch}.')
+  return {kind: restored[kind] for kind in target}

@@ -5,7 +5,10 @@ Each method's section (config.fsp, config.fitnet, ...) comes from its record in 
 `validate` checks every key before anything is compiled, naming the key and what it accepts.
 """
 
+import difflib
+import importlib.util
 import os
+import traceback
 
 import jax
 import ml_collections
@@ -32,6 +35,9 @@ def default() -> ml_collections.ConfigDict:
   c.eval_every = 2000           # Test accuracy during training (0: only at the end).
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  # Train steps run per call of the compiled step (a lax.scan): k > 1 spares the host k - 1
+  # calls; log_every, eval_every, checkpoint_every and every phase length are then multiples.
+  c.steps_per_call = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cifar10'       # cifar10, cifar100, caltech_birds2011, folder, cub, digits.
@@ -43,6 +49,9 @@ def default() -> ml_collections.ConfigDict:
   c.data.augment = 'cifar'      # cifar, crop_flip or none.
   c.data.normalize = 'cifar'    # cifar or imagenet statistics.
   c.data.workers = 0            # grain worker processes (0: threads of the training process).
+  # The training split on every device, its batches gathered and augmented there
+  # (device_data), for splits that fit in device memory; False: the host pipeline (grain).
+  c.data.on_device = False
   # For data.name='folder' only: a subset of class folders, and the first images of each
   # class of the training split.
   c.data.classes = ml_collections.FieldReference(None, field_type=tuple)
@@ -81,10 +90,20 @@ def _get(config, key):
   return config
 
 
-def _integer(config, key: str, low: int) -> None:
+# The integer settings and their ranges: step numbers and seeds are int32 on the device; the
+# upper bounds of sizes keep a mistyped value from failing late, as an allocation.
+INTEGERS = {'num_nets': (1, 1000), 'teacher.num_nets': (1, 1000), 'batch_size': (1, 2**20),
+            'eval_batch_size': (1, 2**20), 'log_every': (1, 2**31 - 1),
+            'checkpoint_every': (1, 2**31 - 1), 'keep_checkpoints': (1, 2**31 - 1),
+            'steps_per_call': (1, 2**16), 'teacher.width': (1, 64), 'student.width': (1, 64),
+            'data.image_size': (1, 4096), 'seed': (0, 2**31 - 1), 'eval_every': (0, 2**31 - 1),
+            'teacher.num_classes': (0, 10**6)}
+
+
+def _integer(config, key: str, low: int, high: int) -> None:
   value = _get(config, key)
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    _fail(key, f'expected an integer >= {low}, got {value!r}.')
+  if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+    _fail(key, f'expected an integer in [{low}, {high}], got {value!r}.')
 
 
 def _stage_sizes(name: str, image_size: int) -> list[int]:
@@ -104,17 +123,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if unknown:
     _fail('methods', f'unknown {unknown}; expected a comma-separated list of '
           f'{", ".join(methods.METHODS)}, or nothing to train the teacher only.')
-  for key in ('num_nets', 'teacher.num_nets', 'batch_size', 'eval_batch_size', 'log_every',
-              'checkpoint_every', 'keep_checkpoints', 'teacher.width', 'student.width',
-              'data.image_size'):
-    _integer(config, key, 1)
-  for key in ('seed', 'eval_every', 'teacher.num_classes'):
-    _integer(config, key, 0)
+  twice = sorted({m for m in method_list(config) if method_list(config).count(m) > 1})
+  if twice:
+    _fail('methods', f'names {twice} more than once; each method is one row.')
+  for key, (low, high) in INTEGERS.items():
+    _integer(config, key, low, high)
+  if config.seed + config.num_nets - 1 > 2**31 - 1:
+    _fail('seed', f'{config.seed} + {config.num_nets - 1} (net k uses seed + k - 1) exceeds '
+          f'the largest seed, {2**31 - 1}.')
+  k = config.steps_per_call
+  for key in ('log_every', 'checkpoint_every', 'eval_every'):
+    if _get(config, key) % k:
+      _fail(key, f'{_get(config, key)} is not a multiple of config.steps_per_call={k}: '
+            'the host acts only between calls of that many steps.')
   if config.dtype not in DTYPES:
     _fail('dtype', f'unknown {config.dtype!r}; expected one of {", ".join(DTYPES)}.')
   for key in ('weight_decay', 'momentum'):
     value = _get(config, key)
-    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
       _fail(key, f'expected a number in [0, 1), got {value!r}.')
   for key, sched in schedules.find(config).items():
     schedules.validate(key, sched)
@@ -123,8 +149,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
       method.check(config)
   if not isinstance(config.student.adapter, bool):
     _fail('student.adapter', f'expected True or False, got {config.student.adapter!r}.')
-  uses_fsp = any(term.name == 'fsp' for name in method_list(config)
-                 for phase in methods.METHODS[name].phases(config) for term in phase.terms)
+  chosen = [methods.get(name) for name in method_list(config)]
+  if not config.teacher.checkpoint and (not chosen or any(m.uses_teacher(config)
+                                                          for m in chosen)):
+    chosen.append(methods.TEACHER)  # Trained here first.
+  for method in chosen:
+    for phase in method.phases(config):
+      if phase.steps % k:
+        _fail('steps_per_call', f'{k} does not divide the {phase.steps} iterations of '
+              f'{method.name}\'s {phase.name} phase; make every phase a multiple of it.')
+  uses_fsp = any(method.compares_fsp(config) for method in chosen)
   for key in ('teacher.model', 'student.model'):
     try:
       sizes = _stage_sizes(_get(config, key), config.data.image_size)
@@ -137,8 +171,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             'even (for example, a multiple of 32).')
   _validate_data(config.data)
   if config.teacher.checkpoint and not os.path.isdir(config.teacher.checkpoint):
-    _fail('teacher.checkpoint', f'{config.teacher.checkpoint!r} does not exist; give an Orbax '
-          'checkpoint of {params, batch_stats}, or leave it empty to train the teacher first.')
+    found = 'is a file' if os.path.exists(config.teacher.checkpoint) else 'does not exist'
+    _fail('teacher.checkpoint', f'{config.teacher.checkpoint!r} {found}; give the folder of an '
+          'Orbax checkpoint of {params, batch_stats}, or leave it empty to train the teacher '
+          'first.')
   for key in ('batch_size', 'eval_batch_size'):
     devices = jax.device_count()
     if _get(config, key) % devices:
@@ -150,7 +186,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             'have its own classes: give the checkpoint (python -m fsp_jax.convert makes one from '
             'torchvision weights), or use 0 to train the teacher here on the data set.')
     uses_logits = [m for m in method_list(config)
-                   if m == 'kd' or (m == 'fitnet' and any(config.fitnet.kd_weight))]
+                   if 'logits' in methods.get(m).reads_teacher(config)]
     if uses_logits:
       _fail('teacher.num_classes', f'methods {uses_logits} distill the teacher\'s logits, which '
             'need the data set\'s classes; set teacher.num_classes=0 or '
@@ -181,19 +217,88 @@ def _validate_data(c: ml_collections.ConfigDict) -> None:
   if c.classes is not None and (not c.classes or any(
       not isinstance(name, str) or not name for name in c.classes)):
     _fail('data.classes', f'expected a tuple of class folder names, got {c.classes!r}.')
-  if not isinstance(c.workers, int) or c.workers < 0:
-    _fail('data.workers', f'expected an integer >= 0 (worker processes), got {c.workers!r}.')
-  if c.max_per_class is not None and (not isinstance(c.max_per_class, int)
-                                      or c.max_per_class < 1):
+  if c.classes is not None and len(set(c.classes)) != len(c.classes):
+    twice = sorted({name for name in c.classes if c.classes.count(name) > 1})
+    _fail('data.classes', f'names {twice} more than once; each class is one label.')
+  if not isinstance(c.workers, int) or isinstance(c.workers, bool) or not 0 <= c.workers <= 1024:
+    _fail('data.workers', f'expected an integer in [0, 1024] (worker processes), got '
+          f'{c.workers!r}.')
+  if not isinstance(c.on_device, bool):
+    _fail('data.on_device', f'expected True or False, got {c.on_device!r}.')
+  if c.max_per_class is not None and (not isinstance(c.max_per_class, int) or isinstance(
+      c.max_per_class, bool) or c.max_per_class < 1):
     _fail('data.max_per_class', f'expected an integer >= 1 (or None: all images), got '
           f'{c.max_per_class!r}.')
 
 
 def validate_data(config: ml_collections.ConfigDict, train_source, eval_source) -> None:
-  """Checks the config against the data it names (sources already built)."""
+  """Checks the config against the data it names (sources already built): the splits' classes
+  are the same, by name where the sources name them, and at least two."""
+  train, test = config.data.train_split, config.data.eval_split
+  names = train_source.class_names, eval_source.class_names
+  if None not in names and names[0] != names[1]:
+    only = [sorted(set(a) - set(b)) for a, b in (names, names[::-1])]
+    _fail('data', f'the {test!r} split\'s classes are not the {train!r} split\'s: only in '
+          f'{train!r}: {only[0] or "none"}; only in {test!r}: {only[1] or "none"}'
+          + ('' if any(only) else f' (in another order: {list(names[1])})') + '. Give both '
+          'splits the same class folders, or list them in config.data.classes.')
   if eval_source.num_classes != train_source.num_classes:
-    _fail('data', f'the {config.data.eval_split!r} split has {eval_source.num_classes} classes, '
-          f'{config.data.train_split!r} has {train_source.num_classes}.')
+    _fail('data', f'the {test!r} split has {eval_source.num_classes} classes, {train!r} has '
+          f'{train_source.num_classes}.')
+  if train_source.num_classes < 2:
+    _fail('data', f'the {train!r} split has {train_source.num_classes} class'
+          f'{"" if train_source.num_classes == 1 else "es"}; classifying needs at least two.')
   if config.batch_size > len(train_source):
     _fail('batch_size', f'{config.batch_size} exceeds the {len(train_source)} examples of the '
           f'{config.data.train_split!r} split.')
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file named 'path' or 'path:arg'; a file that fails to load
+  raises ValueError in one line: the file, the line, the error."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'{path}: no such config file.')
+  module_spec = importlib.util.spec_from_file_location('fsp_jax_config_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, 'get_config', None)):
+      raise ValueError(f'{path}: defines no get_config(); a config file returns its '
+                       'ml_collections.ConfigDict from get_config(arg=None).')
+    config = module.get_config(*([arg] if arg else []))
+  except SyntaxError as e:
+    raise ValueError(f'{e.filename}, line {e.lineno}: SyntaxError: {e.msg}') from None
+  except ValueError as e:
+    if str(e).startswith(path):
+      raise
+    raise ValueError(f'{path}{_line_in(path, e)}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except  (whatever the file raised)
+    raise ValueError(f'{path}{_line_in(path, e)}: {type(e).__name__}: {e}') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f'{path}: get_config() returned a {type(config).__name__}, expected an '
+                     'ml_collections.ConfigDict (start from fsp_jax.config.default()).')
+  return config
+
+
+def _line_in(path: str, error: Exception) -> str:
+  """', line N' of the last line of path that the error's traceback passed through."""
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  return f', line {lines[-1]}' if lines else ''
+
+
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+  """Raises ValueError naming `key` (dotted, 'fsp.stage1.lrs') where the config has no such
+  key, with the nearest keys it has."""
+  node, parts = config, key.split('.')
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = '.'.join(parts[:depth])
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=3)
+      hint = (f'; did you mean {" or ".join(repr(c) for c in close)}?' if close else
+              f'; {"config." + where if where else "the config"} has '
+              f'{", ".join(known) if known else "no keys below it"}.')
+      raise ValueError(f'the config has no key {key!r}{hint}')
+    node = node[part]

@@ -10,6 +10,7 @@ optionally worker processes, compute batches ahead of the step.
 
 import dataclasses
 import functools
+import itertools
 import os
 from typing import Any, Iterator
 
@@ -41,10 +42,25 @@ class Preprocess:
   mean: tuple[float, float, float] = CIFAR_STATS[0]
   std: tuple[float, float, float] = CIFAR_STATS[1]
 
-  def __call__(self, images, draws: np.ndarray | None) -> np.ndarray:
+  @property
+  def stored_size(self) -> int | None:
+    """The shorter side `resized` gives 'crop_flip' images (the crop's room), else None."""
+    return round(self.image_size * 8 / 7) if self.augment == 'crop_flip' else None
+
+  def resized(self, image: np.ndarray) -> np.ndarray:
+    """An image uint8 [H, W, 3] at its working size, before any random choice: its shorter side
+    at `stored_size` for 'crop_flip', image_size x image_size otherwise."""
     size = self.image_size
     if self.augment == 'crop_flip':
-      images = [_resize_shorter(image, round(size * 8 / 7)) for image in images]
+      return _resize_shorter(image, self.stored_size)
+    if image.shape[:2] == (size, size):
+      return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+  def __call__(self, images, draws: np.ndarray | None) -> np.ndarray:
+    size = self.image_size
+    images = [self.resized(image) for image in images]
+    if self.augment == 'crop_flip':
       shapes = [image.shape for image in images]
       if draws is None:  # The centre.
         offsets = [((h - size) // 2, (w - size) // 2) for h, w, _ in shapes]
@@ -54,8 +70,7 @@ class Preprocess:
       batch = np.stack([image[top:top + size, left:left + size]
                         for image, (top, left) in zip(images, offsets)])
     else:
-      batch = np.stack([image if image.shape[:2] == (size, size) else np.asarray(
-          Image.fromarray(image).resize((size, size), Image.BILINEAR)) for image in images])
+      batch = np.stack(images)
       if self.augment == 'cifar' and draws is not None:
         windows = np.lib.stride_tricks.sliding_window_view(
             np.pad(batch, ((0, 0), (4, 4), (4, 4), (0, 0))), (size, size), axis=(1, 2))
@@ -201,6 +216,14 @@ def eval_batches(source, preprocess: Preprocess, global_batch: int,
   part = _host_part(global_batch, process_index, process_count)
   batch = _EvalBatch(source, preprocess, global_batch, part.start, part.stop - part.start)
   return _read(grain.MapDataset.range(-(-len(source) // global_batch)).map(batch), 0)
+
+
+def grouped(batches: Iterator[dict], steps_per_call: int) -> Iterator[dict]:
+  """Every `steps_per_call` batches [devices, b, ...] as one [devices, steps_per_call, b, ...]
+  (a view where there is one): the inputs of one call of several steps."""
+  while group := list(itertools.islice(batches, steps_per_call)):
+    yield jax.tree_util.tree_map(
+        lambda *xs: np.stack(xs, axis=1) if len(xs) > 1 else xs[0][:, None], *group)
 
 
 def shard(batch: dict, num_devices: int) -> dict:

@@ -1,11 +1,11 @@
 """An experiment: a teacher (trained here or loaded), then every method's nets, then a table.
 
-Everything is checked (config, data, the pairing of every student with the teacher) before
-anything is compiled. Finished runs and phases in the workdir are reused, so an interrupted
-experiment resumes where it stopped.
+Everything is checked (config, data, the pairing of every student with the teacher, the
+teacher's checkpoint) before the workdir is bound or anything compiled. Finished runs and
+phases in the workdir are reused, so an interrupted experiment resumes where it stopped.
 """
 
-import os
+import dataclasses
 import time
 
 import jax
@@ -14,8 +14,10 @@ import numpy as np
 
 from fsp_jax import checkpoints
 from fsp_jax import config as config_lib
-from fsp_jax import data, logs, methods, models, results, sources, steps, trainer
+from fsp_jax import data, device_data, logs, methods, models, results, sources, steps, trainer
 from fsp_jax import workdir as workdir_lib
+from fsp_jax.adapters import Student
+from fsp_jax.layout import Layout
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int, dtype: str):
@@ -24,17 +26,17 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, dtype
 
 
 def build_student(method: methods.Method, config: ml_collections.ConfigDict, num_classes: int,
-                  teacher: methods.Student) -> methods.Student:
+                  teacher: Student) -> Student:
   """The network a method trains, with what it adds to the student (FitNet's regressor,
   channel adapters). Raises ValueError, before anything is compiled, when it cannot be paired
   with the teacher."""
   if method.network == 'teacher':
-    return methods.Student(build_model(config.teacher, num_classes, config.dtype))
+    return Student(build_model(config.teacher, num_classes, config.dtype))
   backbone = build_model(config.student, num_classes, config.dtype)
   if not method.uses_teacher(config):
-    return methods.Student(backbone)
+    return Student(backbone)
   size = config.data.image_size
-  mine = methods.features_of(methods.Student(backbone), size)
+  mine = methods.features_of(Student(backbone), size)
   theirs = methods.features_of(teacher, size)
   try:
     return method.student(config, backbone, mine, theirs)
@@ -47,7 +49,7 @@ def build_student(method: methods.Method, config: ml_collections.ConfigDict, num
                      f'{method.name!r}: {e}') from e
 
 
-def load_teacher(path: str, teacher: methods.Student, image_size: int) -> dict:
+def load_teacher(path: str, teacher: Student, image_size: int) -> dict:
   """The teacher's {'params', 'batch_stats'} from a checkpoint of its network, replicated."""
   variables = checkpoints.load_variables(path, teacher.backbone, image_size)
   return steps.replicate({kind: {'backbone': v} for kind, v in variables.items()})
@@ -59,61 +61,78 @@ def teacher_fsp_cache(teacher, variables, source, preprocess, batch_size: int) -
 
   variables are replicated over the local devices.
   """
-  step, chunks = steps.make_fsp_step(teacher), []
-  for batch in data.eval_batches(source, preprocess, batch_size):
-    matrices = step(variables, data.shard(batch['image'], jax.local_device_count()))
-    chunks.append([np.asarray(g).reshape((-1,) + g.shape[2:]) for g in matrices])
-  return tuple(trainer.gather_in_order([c[k] for c in chunks])[:len(source)]
-               for k in range(len(chunks[0])))
+  matrices, _ = trainer.predict(steps.make_fsp_step(teacher), variables, source, preprocess,
+                                batch_size)
+  return tuple(matrices)
 
 
-def _row(workdir: str, finished: list[dict]) -> list[dict]:
+def _row(ctx: trainer.Context, method: methods.Method, finished: list[dict]) -> list[dict]:
   """[The table row of finished nets] on process 0, which wrote their files; [] elsewhere."""
-  return [results.row_of(workdir, finished)] if jax.process_index() == 0 else []
+  if jax.process_index() != 0:
+    return []
+  return [results.row_of(ctx.layout, finished, method.settings(ctx.config))]
 
 
-def _teacher(ctx: trainer.Context, teacher: methods.Student) -> tuple[dict, list[dict]]:
-  """The teacher's variables (replicated) and its table row (none for other classes)."""
+def _teacher_row(ctx: trainer.Context, teacher: Student, variables) -> dict:
+  """The row of a teacher loaded from its checkpoint: its test accuracy."""
+  metrics, _, _ = trainer.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
+                                   ctx.config.eval_batch_size)
+  return {'method': methods.TEACHER.name, 'model': ctx.config.teacher.model,
+          'nets': [metrics['accuracy']], 'avg': metrics['accuracy'], 'ensemble': None,
+          'iterations': 0, 'wall_s': 0.0}
+
+
+def _train_teachers(ctx: trainer.Context, teacher: Student) -> tuple[dict, list[dict]]:
+  """Trains config.teacher.num_nets teachers; returns the first one's variables (replicated)
+  and their row."""
   config = ctx.config
-  if config.teacher.checkpoint:
-    variables = load_teacher(config.teacher.checkpoint, teacher, config.data.image_size)
-    if config.teacher.num_classes:  # A teacher of other classes has no accuracy here.
-      return variables, []
-    metrics, _, _ = trainer.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
-                                     config.eval_batch_size)
-    return variables, [{'method': 'teacher', 'model': config.teacher.model,
-                        'nets': [metrics['accuracy']], 'avg': metrics['accuracy'],
-                        'ensemble': None, 'iterations': 0, 'wall_s': 0.0}]
   runs = [trainer.Run(methods.TEACHER, k, config.teacher.model, teacher)
-          for k in range(config.teacher.num_nets)]
-  rows = _row(ctx.workdir, [trainer.train_net(ctx, run) for run in runs])
-  path = os.path.join(ctx.workdir, 'teacher', 'net1', 'model')
-  return load_teacher(path, teacher, config.data.image_size), rows
+          for k in range(1, config.teacher.num_nets + 1)]
+  rows = _row(ctx, methods.TEACHER, [trainer.train_net(ctx, run) for run in runs])
+  return load_teacher(runs[0].files(ctx.layout).model, teacher, config.data.image_size), rows
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False) -> list[dict]:
   """Runs an experiment; returns the table's rows (process 0 also writes results.md and
   results.json into workdir; other processes return []). Several hosts must share the
-  workdir's file system."""
+  workdir's file system.
+
+  Every input (the config, the data, each student's pairing with the teacher, the teacher's
+  checkpoint) is checked before the workdir is bound to the config or anything compiled.
+  """
   config_lib.validate(config)
   chosen = [methods.get(name) for name in config_lib.method_list(config)]
   train_source = sources.get_source(config.data, config.data.train_split)
   eval_source = sources.get_source(config.data, config.data.eval_split)
   config_lib.validate_data(config, train_source, eval_source)
   num_classes = train_source.num_classes
-  teacher = methods.Student(build_model(config.teacher, config.teacher.num_classes or
-                                        num_classes, config.dtype))
+  teacher = Student(build_model(config.teacher, config.teacher.num_classes or num_classes,
+                                config.dtype))
   students = {m.name: build_student(m, config, num_classes, teacher) for m in chosen}
+  needs_teacher = not chosen or any(m.uses_teacher(config) for m in chosen)
+  teacher_variables = None
+  if needs_teacher and config.teacher.checkpoint:
+    try:
+      teacher_variables = load_teacher(config.teacher.checkpoint, teacher,
+                                       config.data.image_size)
+    except ValueError as e:
+      raise ValueError(f'config.teacher.checkpoint: {e} config.teacher.model, .width and '
+                       '.num_classes (0: the data set\'s classes) describe the teacher.') from None
+  stored = (device_data.stored_images(train_source, data.get_preprocess(config.data))
+            if config.data.on_device else None)
+  layout = Layout(workdir)
   workdir_lib.create(workdir)
   with workdir_lib.lock(workdir):
     workdir_lib.bind_config(workdir, config, allow_config_change)
     trainer.install_preemption_handler()
-    ctx = trainer.Context(config, workdir, train_source, eval_source,
+    ctx = trainer.Context(config, layout, train_source, eval_source,
                           data.get_preprocess(config.data))
-    rows, teacher_variables = [], None
-    if not chosen or any(m.uses_teacher(config) for m in chosen):
-      teacher_variables, rows = _teacher(ctx, teacher)
+    rows = []
+    if needs_teacher and teacher_variables is None:
+      teacher_variables, rows = _train_teachers(ctx, teacher)
+    elif needs_teacher and not config.teacher.num_classes:  # Other classes: no accuracy here.
+      rows = [_teacher_row(ctx, teacher, teacher_variables)]
     if any(phase.cached_fsp for m in chosen for phase in m.phases(config)):
       start = time.time()
       cache = teacher_fsp_cache(teacher, teacher_variables, train_source, ctx.preprocess,
@@ -121,17 +140,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logs.say(f'Cached the teacher\'s FSP matrices of {len(train_source)} training images in '
                f'{logs.duration(time.time() - start)} ({sum(g.nbytes for g in cache) / 2**20:.0f}'
                ' MiB).')
-      ctx = trainer.Context(config, workdir, train_source, eval_source, ctx.preprocess, cache)
+      ctx = dataclasses.replace(ctx, teacher_fsp=cache)
+    if stored is not None:
+      ctx = dataclasses.replace(ctx, placed=device_data.place(*stored, ctx.teacher_fsp))
     for method in chosen:
       uses_teacher = method.uses_teacher(config)
       runs = [trainer.Run(method, k, (config.teacher if method.network == 'teacher'
                                       else config.student).model, students[method.name],
                           teacher if uses_teacher else None,
                           teacher_variables if uses_teacher else None)
-              for k in range(config.num_nets)]
-      rows += _row(workdir, [trainer.train_net(ctx, run) for run in runs])
+              for k in range(1, config.num_nets + 1)]
+      rows += _row(ctx, method, [trainer.train_net(ctx, run) for run in runs])
     if jax.process_index() != 0:
       return []
-    table = results.write(workdir, rows)
-    logs.say(f'\nResults ({workdir}/results.md):\n\n{table}\n')
+    table = results.write(layout, rows)
+    logs.say(f'\nResults ({layout.results_md}):\n\n{table}\n')
     return rows

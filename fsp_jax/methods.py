@@ -1,14 +1,16 @@
 """The rows of a table: one record per method, holding everything that differs between them.
 
-A method trains one network (the student's, or the teacher's own) through phases; a phase is
-a learning-rate schedule and weighted loss terms. Its record gives the phases, the config
+A method trains one network (the student's, or the teacher's own) through phases (`terms.Phase`:
+a learning-rate schedule and weighted loss terms). Its record gives the phases, the config
 section it owns (defaults and checks), what it adds to the student (FitNet's regressor, channel
 adapters), whether it starts from the teacher's weights, and its label and colour in reports.
-Adding a method is one record here, and its loss in `losses.py`.
+Adding a method is one record here, and its loss in `losses.py` and `terms.TERMS`.
 """
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+import json
+import math
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -18,88 +20,7 @@ import numpy as np
 from fsp_jax import adapters, fsp, losses, schedules
 from fsp_jax.adapters import Student
 from fsp_jax.schedules import Schedule, schedule
-
-
-class Outputs(NamedTuple):
-  """What loss terms read: the student's and teacher's outputs on a batch."""
-  logits: Any           # [B, classes]
-  features: dict        # {'stageK_in': [B, H, W, C], ..., 'hint': regressed hint}
-  labels: Any           # [B]
-  teacher_logits: Any = None
-  teacher_features: dict | None = None
-  teacher_fsp: Any = None  # The teacher's FSP matrices, when cached (config.fsp.cache).
-
-
-def shuffle_fsp(matrices, seed: int) -> list:
-  """The paper's dagger ablation: the rows and columns of each [B, M, N] matrix permuted by a
-  fixed random permutation."""
-  rng = np.random.default_rng(seed)
-  return [g[:, rng.permutation(g.shape[1])][:, :, rng.permutation(g.shape[2])]
-          for g in matrices]
-
-
-def _fsp_term(out: Outputs, normalize='teacher', weights=None, shuffle_seed=None,
-              cached=False):
-  target = out.teacher_fsp if cached else fsp.fsp_matrices(out.teacher_features)
-  if shuffle_seed is not None:
-    target = shuffle_fsp(target, shuffle_seed)
-  return losses.fsp_l2(fsp.fsp_matrices(out.features), target, weights, normalize)
-
-
-def _stage_outputs(features: dict) -> list:
-  return [features[last] for _, last in fsp.stage_pairs(features)]
-
-
-# Loss terms by name: out -> scalar, with the term's options as keywords.
-TERMS: dict[str, Callable[..., Any]] = {
-    'ce': lambda out: losses.cross_entropy(out.logits, out.labels),
-    'fsp': _fsp_term,
-    'kd': lambda out, temperature: losses.kd_loss(out.logits, out.teacher_logits, temperature),
-    'hint': lambda out, layer, normalize: losses.hint_loss(
-        out.features['hint'], out.teacher_features[layer], normalize),
-    'at': lambda out: losses.attention_transfer(_stage_outputs(out.features),
-                                                _stage_outputs(out.teacher_features)),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Term:
-  """A loss term: its name in TERMS, its weight at the first and the last step of the phase
-  (linear in between), and its options (hashable (key, value) pairs)."""
-  name: str
-  weight: tuple[float, float] = (1.0, 1.0)
-  options: tuple[tuple[str, Any], ...] = ()
-
-  @property
-  def needs_teacher_pass(self) -> bool:
-    return self.name != 'ce' and not dict(self.options).get('cached', False)
-
-  def __call__(self, out: Outputs):
-    return TERMS[self.name](out, **dict(self.options))
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-  """A stage of training: `name` ('train', 'stage1', 'stage2': its checkpoint folder), a
-  learning-rate schedule, loss terms, and the global norm the loss's gradient is clipped to
-  (0: not clipped)."""
-  name: str
-  schedule: Schedule
-  terms: tuple[Term, ...]
-  max_grad_norm: float = 0.0
-
-  @property
-  def steps(self) -> int:
-    return self.schedule.length
-
-  @property
-  def needs_teacher_pass(self) -> bool:
-    return any(term.needs_teacher_pass for term in self.terms)
-
-  @property
-  def cached_fsp(self) -> bool:
-    """Whether batches bring the teacher's FSP matrices (config.fsp.cache)."""
-    return any(dict(term.options).get('cached', False) for term in self.terms)
+from fsp_jax.terms import Phase, Term, stage_outputs
 
 
 def _plain(config, backbone, mine, theirs) -> Student:
@@ -134,7 +55,7 @@ def _fitnet_student(config, backbone, mine, theirs) -> Student:
 
 def _at_student(config, backbone, mine, theirs) -> Student:
   del config
-  jax.eval_shape(losses.attention_transfer, _stage_outputs(mine), _stage_outputs(theirs))
+  jax.eval_shape(losses.attention_transfer, stage_outputs(mine), stage_outputs(theirs))
   return Student(backbone)
 
 
@@ -171,10 +92,39 @@ class Method:
   defaults: Callable[[], Any] | None = None
   check: Callable[[ml_collections.ConfigDict], None] | None = None
 
+  def reads_teacher(self, config) -> set:
+    """What its loss terms read of the teacher: a subset of {'logits', 'features'}."""
+    return set().union(*(phase.reads_teacher for phase in self.phases(config)))
+
   def uses_teacher(self, config) -> bool:
-    """Whether its steps run the teacher, or it starts from the teacher's weights."""
-    return self.starts_from_teacher or any(
-        term.name != 'ce' for phase in self.phases(config) for term in phase.terms)
+    """Whether its steps read the teacher, or it starts from the teacher's weights."""
+    return self.starts_from_teacher or bool(self.reads_teacher(config))
+
+  def compares_fsp(self, config) -> bool:
+    """Whether a phase compares FSP matrices (stage sizes must then halve evenly)."""
+    return any(phase.compares_fsp for phase in self.phases(config))
+
+  def settings(self, config) -> dict:
+    """Everything that decides how its nets train, as JSON: a net's checkpoints belong to
+    these settings (and are not resumed under others)."""
+    network = dict(config[self.network].to_dict())
+    if self.network == 'teacher':
+      network.pop('num_nets')
+    shared = {key: config[key] for key in ('batch_size', 'weight_decay', 'momentum', 'dtype',
+                                           'seed')}
+    data = {k: v for k, v in config.data.to_dict().items() if k != 'workers'}
+    teacher = {k: v for k, v in config.teacher.to_dict().items() if k != 'num_nets'} if (
+        self.uses_teacher(config)) else None
+    phases = [{'name': p.name, 'schedule': list(p.schedule), 'max_grad_norm': p.max_grad_norm,
+               'terms': [[t.name, list(t.weight), dict(t.options)] for t in p.terms]}
+              for p in self.phases(config)]
+    return json.loads(json.dumps({'method': self.name, 'network': network, 'data': data,
+                                  'teacher': teacher, 'phases': phases, **shared}))
+
+  def learns_fsp_first(self, config) -> bool:
+    """Whether its first stage learns the teacher's FSP matrices: the run then saves the
+    student's matrices before and after it, for the report."""
+    return self.phases(config)[0].compares_fsp
 
 
 def _train(sched, *terms, ce_weight: float = 1.0) -> tuple[Phase, ...]:
@@ -214,13 +164,15 @@ def _fail(key: str, message: str):
   raise ValueError(f'config.{key}: {message}')
 
 
+def _finite(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _number(config, key: str, low: float, strict: bool) -> None:
   section, name = key.split('.')
   value = config[section][name]
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      value > low if strict else value >= low)
-  if not ok:
-    _fail(key, f'expected a number {">" if strict else ">="} {low}, got {value!r}.')
+  if not _finite(value) or not (value > low if strict else value >= low):
+    _fail(key, f'expected a finite number {">" if strict else ">="} {low}, got {value!r}.')
 
 
 def _check_fsp(config) -> None:
@@ -230,10 +182,10 @@ def _check_fsp(config) -> None:
           f'{", ".join(losses.FSP_NORMALIZATIONS)}.')
   _number(config, 'fsp.weight', 0, strict=True)
   if c.stage_weights is not None and (not isinstance(c.stage_weights, tuple) or any(
-      not isinstance(w, (int, float)) or w < 0 for w in c.stage_weights)):
+      not _finite(w) or w < 0 for w in c.stage_weights)):
     _fail('fsp.stage_weights', f'expected a tuple of weights >= 0, one per FSP matrix, or None '
           f'(all equal), got {c.stage_weights!r}.')
-  if not isinstance(c.shuffle_seed, int) or c.shuffle_seed < 0:
+  if not isinstance(c.shuffle_seed, int) or isinstance(c.shuffle_seed, bool) or c.shuffle_seed < 0:
     _fail('fsp.shuffle_seed', f'expected an integer >= 0, got {c.shuffle_seed!r}.')
   _number(config, 'fsp.task_weight', 0, strict=False)
   _number(config, 'fsp.max_grad_norm', 0, strict=False)
@@ -244,7 +196,7 @@ def _check_fsp(config) -> None:
 def _check_fitnet(config) -> None:
   _number(config, 'fitnet.temperature', 0, strict=True)
   weights = config.fitnet.kd_weight
-  if len(weights) != 2 or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
+  if len(weights) != 2 or any(not _finite(w) or w < 0 for w in weights):
     _fail('fitnet.kd_weight', f'expected (start, end) weights >= 0, got {weights!r}.')
   _number(config, 'fitnet.weight', 0, strict=True)
   _number(config, 'fitnet.max_grad_norm', 0, strict=False)
@@ -267,10 +219,9 @@ def _fsp_defaults():
       # stage's term is a relative error (of order 1 at the start for most pairs), and the
       # paper's stage-1 rates are 1/100 of its task rates; 100 gives them the task's effect.
       'weight': 100.0,
-      # The stage-1 gradient's global norm is clipped to this (0: not clipped). A fresh
-      # ResNet-26 against the trained teacher starts at a relative error of 136 (gradient norm
-      # 3e4): unclipped, its first steps at 1e-3 kill 73% of its last-stage units. 100 is
-      # weight * 1, the norm of a relative error's gradient of order 1 (see README).
+      # The stage-1 gradient's global norm is clipped to this (0: not clipped): weight * 1,
+      # the gradient norm of a relative error of order 1. It acts while a student is far from
+      # the teacher, whose first steps would otherwise kill its units (README: the loss).
       'max_grad_norm': 100.0,
       # Relative weights of the stages, one per FSP matrix; None: all equal (the paper).
       'stage_weights': ml_collections.FieldReference(None, field_type=tuple),
@@ -290,10 +241,8 @@ def _fitnet_defaults():
       'hint': 'stage2_out',  # Teacher hint and student guided layer (the middle).
       'stage1': schedule((1e-4, 1e-5), (25_000, 35_000)),
       # The hint stage as FSP's stage 1: the loss a relative error ('teacher'; 'none' is
-      # FitNets' literal 1/2 ||u_h - r(v_g)||^2) times 100, its gradient's norm clipped to 100.
-      # Literal and unclipped, a fresh ResNet-8's first steps against the trained ResNet-26
-      # (gradient norm 2e4) kill every unit of its guided layer at the paper's 1e-4
-      # (results/stage1/fitnet_hint.md).
+      # FitNets' literal 1/2 ||u_h - r(v_g)||^2) times 100, its gradient's norm clipped to 100,
+      # so that the paper's hint rate does not kill the guided layer (README: the loss).
       'normalize': 'teacher',
       'weight': 100.0,
       'max_grad_norm': 100.0,

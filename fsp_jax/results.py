@@ -1,10 +1,13 @@
 """Results tables in the form of the paper's: a column per net, their average and ensemble."""
 
-import glob
 import json
 import os
 
 import numpy as np
+
+from fsp_jax import layout as layout_lib
+from fsp_jax import methods
+from fsp_jax.layout import Layout
 
 
 def ensemble_accuracy(probs: list[np.ndarray], labels: np.ndarray) -> float:
@@ -12,22 +15,48 @@ def ensemble_accuracy(probs: list[np.ndarray], labels: np.ndarray) -> float:
   return float(np.mean(np.argmax(np.mean(probs, axis=0), axis=-1) == labels))
 
 
+def first_task_evaluation(result: dict) -> tuple[int, float] | None:
+  """(task iterations, test accuracy) of a net's first evaluation in its task stage (its last
+  phase, of result['task_iterations']), or None where it has none before the end."""
+  task = result.get('task_iterations')
+  if task is None:
+    return None
+  start = result['iterations'] - task
+  early = [(step - start, accuracy) for step, accuracy in result['history']['eval']
+           if start < step < result['iterations']]
+  return early[0] if early else None
+
+
 def table_row(finished: list[dict], probs: list[np.ndarray], labels: np.ndarray) -> dict:
   """One row from the result.json dicts and test probabilities of a method's nets: iterations
-  of one net (the paper's #Iter), wall time of all of them."""
-  return {'method': finished[0]['method'], 'model': finished[0]['model'],
-          'nets': [r['accuracy'] for r in finished],
-          'avg': float(np.mean([r['accuracy'] for r in finished])),
-          'ensemble': ensemble_accuracy(probs, labels) if len(probs) > 1 else None,
-          'iterations': max(r['iterations'] for r in finished),
-          'wall_s': sum(r.get('wall_s', 0.0) for r in finished)}
+  of one net (the paper's #Iter), wall time of all of them, and where every net was evaluated
+  early in its task stage at the same iteration, their mean accuracy then ('early':
+  [task iterations, accuracy])."""
+  row = {'method': finished[0]['method'], 'model': finished[0]['model'],
+         'nets': [r['accuracy'] for r in finished],
+         'avg': float(np.mean([r['accuracy'] for r in finished])),
+         'ensemble': ensemble_accuracy(probs, labels) if len(probs) > 1 else None,
+         'iterations': max(r['iterations'] for r in finished),
+         'task_iterations': finished[0].get('task_iterations'),
+         'wall_s': sum(r.get('wall_s', 0.0) for r in finished)}
+  early = [first_task_evaluation(r) for r in finished]
+  if None not in early and len({step for step, _ in early}) == 1:
+    row['early'] = [early[0][0], float(np.mean([accuracy for _, accuracy in early]))]
+  return row
 
 
-def row_of(workdir: str, finished: list[dict]) -> dict:
-  """The row of a method's finished nets, from the files they left in workdir."""
-  run_dirs = [os.path.join(workdir, r['method'], f'net{r["net"]}') for r in finished]
-  probs = [np.load(os.path.join(d, 'test_probs.npy')) for d in run_dirs]
-  return table_row(finished, probs, np.load(os.path.join(workdir, 'test_labels.npy')))
+def row_of(layout: Layout, finished: list[dict], settings: dict) -> dict:
+  """The row of a method's finished nets, from the files they left in the workdir;
+  'other_settings' where a net was trained with settings other than `settings` (the current
+  config's, `methods.Method.settings`)."""
+  nets = [layout.net(r['method'], r['net']) for r in finished]
+  probs = [layout_lib.read_npy(net.test_probs, f"{r['method']} net{r['net']}'s test "
+                               'probabilities') for net, r in zip(nets, finished)]
+  row = table_row(finished, probs, layout_lib.read_npy(layout.test_labels, 'the test labels'))
+  recorded = [layout_lib.read_json(net.settings, 'the settings a net was trained with')
+              for net in nets if os.path.exists(net.settings)]
+  row['other_settings'] = any(r != settings for r in recorded)
+  return row
 
 
 def percent(value) -> str:
@@ -38,40 +67,79 @@ def iterations(n: int) -> str:
   return f'{n / 1000:g}k' if n >= 1000 else str(n)
 
 
+def _students(rows: list[dict]) -> list[dict]:
+  """The rows of the methods (all but the teacher's)."""
+  return [row for row in rows if row['method'] != methods.TEACHER.name]
+
+
+def _early_iteration(rows: list[dict]) -> int | None:
+  """The task iteration at which every method's row was first evaluated, if they share one."""
+  trained = _students(rows)
+  steps = {tuple(row['early'])[0] if row.get('early') else None for row in trained}
+  return steps.pop() if trained and len(steps) == 1 and None not in steps else None
+
+
 def markdown_table(rows: list[dict]) -> str:
-  """Accuracies in %, a column per net, like the paper's Table 1."""
+  """Accuracies in %, a column per net, like the paper's Table 1; where every row was
+  evaluated early in its task stage at the same iteration N, the average then ('Avg @N')."""
   nets = max(len(row['nets']) for row in rows)
+  early = _early_iteration(rows)
   head = (['Method', 'Model'] + [f'Net {k + 1}' for k in range(nets)] +
-          ['Avg', 'Ens', '#Iter', 'Wall'])
+          ([f'Avg @{early}'] if early else []) + ['Avg', 'Ens', '#Iter', 'Wall'])
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for row in rows:
-    cells = [row['method'], row['model']] + [percent(a) for a in row['nets']]
-    cells += ['-'] * (nets - len(row['nets']))
+    cells = [row['method'] + (' *' if row.get('other_settings') else ''), row['model']]
+    cells += [percent(a) for a in row['nets']] + ['-'] * (nets - len(row['nets']))
+    if early:
+      cells.append(percent(row['early'][1]) if row.get('early') else '-')
     cells += [percent(row['avg']), percent(row['ensemble']), iterations(row['iterations']),
               f"{row['wall_s'] / 60:.1f} min"]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  if any(row.get('other_settings') for row in rows):
+    lines.append('\n\\* trained with settings other than the current config\'s (kept by '
+                 '--allow_config_change; each net\'s settings.json has them).')
   return '\n'.join(lines)
 
 
-def write(workdir: str, rows: list[dict]) -> str:
-  """Writes results.md and results.json into workdir; returns the Markdown table."""
-  table = markdown_table(rows)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+def summary(rows: list[dict]) -> str:
+  """A line on what the table compares: every method's average accuracy after the same number
+  of task iterations (early, where evaluated, and at the end), and what #Iter counts."""
+  trained = _students(rows)
+  if not trained:
+    return ''
+  early = _early_iteration(rows)
+  line = ('#Iter counts each net\'s iterations, any stage before its task included. '
+          'Average test accuracy')
+  if early:
+    line += f' after {early} task iterations: ' + ', '.join(
+        f"{row['method']} {percent(row['early'][1])}%" for row in trained)
+    line += '; at the end'
+  tasks = {row.get('task_iterations') for row in trained}
+  if len(tasks) == 1 and None not in tasks:
+    line += f' ({tasks.pop()} task iterations)'
+  return line + ': ' + ', '.join(f"{row['method']} {percent(row['avg'])}%" for row in trained) \
+      + '.'
+
+
+
+def write(layout: Layout, rows: list[dict]) -> str:
+  """Writes the workdir's results.md and results.json; returns the Markdown table."""
+  table = markdown_table(rows) + '\n\n' + summary(rows)
+  with open(layout.results_md, 'w') as f:
     f.write('Test accuracy (%) of each net, their average and their ensemble (averaged softmax).'
             '\n\n' + table + '\n')
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+  with open(layout.results_json, 'w') as f:
     json.dump(rows, f, indent=1)
   return table
 
 
 def load_run(workdir: str) -> dict:
-  """A finished experiment: {'rows', 'config', 'results': {method: [result.json dicts]}}."""
-  with open(os.path.join(workdir, 'results.json')) as f:
-    rows = json.load(f)
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
-  finished = {}
-  for row in rows:
-    paths = sorted(glob.glob(os.path.join(workdir, row['method'], 'net*', 'result.json')))
-    finished[row['method']] = [json.load(open(p)) for p in paths]
-  return {'workdir': workdir, 'rows': rows, 'config': config, 'results': finished}
+  """A finished experiment: {'workdir', 'rows', 'config', 'results': {method: [result.json
+  dicts of its nets]}}."""
+  layout = Layout(workdir)
+  rows = layout_lib.read_json(layout.results_json, 'the results table')
+  return {'workdir': workdir, 'rows': rows,
+          'config': layout_lib.read_json(layout.config, 'the run\'s settings'),
+          'results': {row['method']: [layout_lib.read_json(net.result, 'a finished net\'s result')
+                                      for net in layout.finished_nets(row['method'])]
+                      for row in rows}}

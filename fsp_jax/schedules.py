@@ -6,6 +6,7 @@ peak rate lrs[0] to 0 at until[0]. Either may start with `warmup` iterations ris
 from 0.
 """
 
+import math
 from typing import NamedTuple, Sequence
 
 import jax.numpy as jnp
@@ -60,19 +61,22 @@ def validate(key: str, sched) -> None:
   if not lrs or len(lrs) != len(until):
     raise ValueError(f'config.{key}: lrs {lrs} and until {until} must be non-empty and of '
                      'equal length.')
-  if any(not isinstance(u, int) or isinstance(u, bool) or u < 1 for u in until) or list(
-      until) != sorted(set(until)):
-    raise ValueError(f'config.{key}.until: iteration boundaries must be positive integers in '
-                     f'increasing order, got {until}.')
-  if any(not isinstance(lr, (int, float)) or not lr > 0 for lr in lrs):
-    raise ValueError(f'config.{key}.lrs: learning rates must be positive, got {lrs}.')
+  if any(not isinstance(u, int) or isinstance(u, bool) or not 1 <= u < 2**31 for u in until) or \
+      list(until) != sorted(set(until)):
+    raise ValueError(f'config.{key}.until: iteration boundaries must be integers in [1, 2**31) '
+                     f'in increasing order, got {until}.')
+  if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf
+         for lr in lrs):
+    raise ValueError(f'config.{key}.lrs: learning rates must be positive and finite, got '
+                     f'{lrs}.')
   if sched.decay not in DECAYS:
     raise ValueError(f'config.{key}.decay: unknown {sched.decay!r}; expected one of '
                      f'{", ".join(DECAYS)}.')
   if sched.decay == 'cosine' and len(lrs) != 1:
     raise ValueError(f'config.{key}: a cosine schedule has one peak rate and one length, got '
                      f'lrs {lrs}.')
-  if not isinstance(sched.warmup, int) or not 0 <= sched.warmup < until[-1]:
+  if not isinstance(sched.warmup, int) or isinstance(sched.warmup, bool) or not (
+      0 <= sched.warmup < until[-1]):
     raise ValueError(f'config.{key}.warmup: expected an integer in [0, {until[-1]}), got '
                      f'{sched.warmup!r}.')
 

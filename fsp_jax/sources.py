@@ -1,7 +1,7 @@
 """Data sources: random access to labelled images.
 
-A *source* has `len(source)`, `source[i] -> (image uint8 [H, W, 3], label)` and
-`source.num_classes`: TFDS data sets through `tfds.data_source`, ImageFolder trees, the
+A *source* has `len(source)`, `source[i] -> (image uint8 [H, W, 3], label)`,
+`source.num_classes` and `source.class_names` (label k's name, or None where unknown): TFDS data sets through `tfds.data_source`, ImageFolder trees, the
 CUB_200_2011 archive, and scikit-learn's digits. File sources check every file when built, so
 a bad file fails before anything is compiled.
 """
@@ -48,10 +48,11 @@ def _check_file(path: str) -> None:
 
 
 class FileSource:
-  """Images on disk, decoded when read: paths [N] and integer labels [N]."""
+  """Images on disk, decoded when read: paths [N] and integer labels [N] of named classes."""
 
-  def __init__(self, paths: Sequence[str], labels: Sequence[int], num_classes: int):
-    self.paths, self.labels, self.num_classes = list(paths), np.asarray(labels), num_classes
+  def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str]):
+    self.paths, self.labels = list(paths), np.asarray(labels)
+    self.class_names, self.num_classes = tuple(class_names), len(class_names)
     for path in self.paths:  # Headers and endings: a bad file fails now, not mid-training.
       _check_file(path)
 
@@ -65,8 +66,10 @@ class FileSource:
 class ArraySource:
   """Images held in memory: images [N, H, W, 3] uint8, labels [N]."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int,
+               class_names: Sequence[str] | None = None):
     self.images, self.labels, self.num_classes = images, np.asarray(labels), num_classes
+    self.class_names = None if class_names is None else tuple(class_names)
 
   def __len__(self):
     return len(self.images)
@@ -87,7 +90,7 @@ class TfdsSource:
           f'TFDS data set {name!r} (split {split!r}) is not prepared in data_dir={data_dir!r}. '
           f'Prepare it with `tfds build {name} --file_format=array_record` or point '
           f'config.data.data_dir at it. TFDS said: {e}') from e
-    self.num_classes = TFDS_CLASSES[name]
+    self.num_classes, self.class_names = TFDS_CLASSES[name], None
 
   def __len__(self):
     return len(self.records)
@@ -128,7 +131,7 @@ def folder_source(root: str, split: str, classes: Sequence[str] | None = None,
     files = files[:max_per_class]
     paths += [os.path.join(class_dir, f) for f in files]
     labels += [label] * len(files)
-  return FileSource(paths, labels, len(classes))
+  return FileSource(paths, labels, classes)
 
 
 def _read_table(path: str) -> dict[int, str]:
@@ -166,7 +169,7 @@ def cub_source(root: str, split: str) -> FileSource:
   class_ids = sorted(classes)
   index = {c: k for k, c in enumerate(class_ids)}
   return FileSource([os.path.join(root, 'images', images[i]) for i in keep],
-                    [index[int(labels[i])] for i in keep], len(class_ids))
+                    [index[int(labels[i])] for i in keep], [classes[c] for c in class_ids])
 
 
 def digits_source(split: str, size: int = 32) -> ArraySource:
@@ -185,7 +188,8 @@ def digits_source(split: str, size: int = 32) -> ArraySource:
   order = order[:cut] if split == 'train' else order[cut:]
   images = (digits.images[order] * (255.0 / 16.0)).round().astype(np.uint8)
   images = images.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
-  return ArraySource(np.repeat(images[..., None], 3, axis=-1), digits.target[order], 10)
+  return ArraySource(np.repeat(images[..., None], 3, axis=-1), digits.target[order], 10,
+                     [str(d) for d in range(10)])
 
 
 def get_source(config: ml_collections.ConfigDict, split: str):

@@ -1,8 +1,10 @@
-"""The train state and the pure, pmapped steps: train, evaluate, FSP matrices.
+"""The train state and the pure steps: train, evaluate, FSP matrices.
 
-As in flax examples/imagenet: steps are pmapped over the local devices with axis_name='batch',
-gradients and BatchNorm statistics averaged with lax.pmean. The learning rate comes from an
-optax schedule inside the optimizer state; loss-term weights are functions of the state's step.
+As in flax examples/imagenet: `train_step` is a plain function of (state, batch), pmapped over
+the local devices with axis_name='batch' (gradients and BatchNorm statistics averaged with
+lax.pmean) by `make_train_step`, or jitted on one device by a notebook or a probe. The
+learning rate comes from an optax schedule inside the optimizer state; loss-term weights are
+functions of the state's step.
 Teachers are never in the train state: they run in inference mode and are never
 differentiated (big_vision's pattern).
 """
@@ -17,8 +19,9 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-from fsp_jax import fsp, schedules
-from fsp_jax.methods import Outputs, Phase, Student
+from fsp_jax import data, device_data, fsp, schedules
+from fsp_jax.adapters import Student
+from fsp_jax.terms import Outputs, Phase
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -70,13 +73,16 @@ def init_variables(model: Student, rng: jax.Array, image_size: int) -> dict:
   return init_model.init(rng, x, train=False)
 
 
+def fresh_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+  """Step 0 of a phase from a network's {'params', 'batch_stats'}: the optimizer's state new."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']))
+
+
 def create_train_state(model: Student, rng: jax.Array, image_size: int,
                        tx: optax.GradientTransformation) -> TrainState:
   """A fresh state: the model's initial variables, step 0 and the optimizer's state."""
-  variables = jax.jit(init_variables, static_argnums=(0, 2))(model, rng, image_size)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                    batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(variables['params']))
+  return fresh_state(jax.jit(init_variables, static_argnums=(0, 2))(model, rng, image_size), tx)
 
 
 def term_weights(phase: Phase, step: jnp.ndarray) -> dict:
@@ -85,62 +91,89 @@ def term_weights(phase: Phase, step: jnp.ndarray) -> dict:
   return {t.name: t.weight[0] + (t.weight[1] - t.weight[0]) * progress for t in phase.terms}
 
 
+def train_step(state: TrainState, batch: dict, teacher_variables, *, student, teacher, phase: Phase,
+               tx: optax.GradientTransformation, axis_name: str | None = 'batch'):
+  """One step of a phase: (state, batch, teacher_variables) -> (state, metrics, outputs).
+
+  student and teacher map images to (logits, features) (a `Student`, or any `fsp_jax.models`
+  network); teacher is None where no term reads it. batch: {'image': [b, H, W, 3], 'label':
+  [b]}, and for a cached FSP term 'teacher_fsp' (the teacher's [b, M, N] per stage) in place
+  of a teacher pass. metrics: {'loss', each term, 'grad_norm', 'lr'}, scalars; outputs: the
+  `Outputs` the terms read (the student's before this update). With axis_name, gradients,
+  BatchNorm statistics and metrics are averaged over that pmap axis; None: one device.
+  """
+  teacher_logits = teacher_features = None
+  if teacher is not None and phase.needs_teacher_pass:
+    teacher_logits, teacher_features = teacher.apply(teacher_variables, batch['image'],
+                                                     train=False)
+  weights = term_weights(phase, state.step)
+
+  def objective(params):
+    (logits, features), updates = student.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'])
+    out = Outputs(logits, features, batch['label'], teacher_logits, teacher_features,
+                  batch.get('teacher_fsp'))
+    values = {term.name: term(out) for term in phase.terms}
+    loss = sum(weights[name] * value for name, value in values.items())
+    return loss, (updates['batch_stats'], {'loss': loss, **values}, out)
+
+  grads, (batch_stats, metrics, out) = jax.grad(objective, has_aux=True)(state.params)
+  if axis_name:
+    grads = lax.pmean(grads, axis_name)
+    batch_stats = lax.pmean(batch_stats, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  metrics['lr'] = learning_rate(opt_state)  # The rate of this update.
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  new_state = state.replace(step=state.step + 1,
+                            params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, lax.pmean(metrics, axis_name) if axis_name else metrics, out
+
+
 @functools.cache
 def make_train_step(student: Student, teacher: Student | None, phase: Phase,
-                    tx: optax.GradientTransformation):
-  """A pmapped step (state, batch, teacher_variables) -> (state, metrics).
+                    tx: optax.GradientTransformation, on_device: data.Preprocess | None = None):
+  """`train_step` pmapped over the local devices, as many steps a call as its inputs hold (a
+  lax.scan): (state, inputs, teacher_variables, placed) -> (state, metrics), every array with
+  a leading [devices] axis, metrics [devices, steps] averaged over the devices. The state is
+  donated.
 
-  batch: {'image': [devices, b, H, W, 3], 'label': [devices, b]}, and for a cached FSP term
-  'teacher_fsp': the teacher's matrices ([devices, b, M, N] per stage) in place of a teacher
-  pass. metrics: {'loss', each term, 'grad_norm', 'lr'}, scalars averaged over devices. The
-  state is donated.
+  inputs are the call's batches stacked [devices, steps, b, ...] (placed None), or, for a split
+  placed on the devices (`device_data.Placed`), {'indices': [devices, steps, b], 'step':
+  [devices, steps], 'seed': [devices]}, from which each step's batch is gathered and
+  augmented there with `on_device` (the experiment's `data.Preprocess`).
   """
-  run_teacher = teacher is not None and phase.needs_teacher_pass
 
-  def step(state, batch, teacher_variables):
-    teacher_logits = teacher_features = None
-    if run_teacher:
-      teacher_logits, teacher_features = teacher.apply(teacher_variables, batch['image'],
-                                                       train=False)
-    weights = term_weights(phase, state.step)
+  def one_step(state, xs, teacher_variables, placed):
+    if on_device is not None:
+      indices, step, seed = xs
+      xs = device_data.gather(placed, on_device, seed, step, indices,
+                              random=not phase.cached_fsp)
+    state, metrics, _ = train_step(state, xs, teacher_variables, student=student,
+                                   teacher=teacher, phase=phase, tx=tx)
+    return state, metrics
 
-    def objective(params):
-      (logits, features), updates = student.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-          mutable=['batch_stats'])
-      out = Outputs(logits, features, batch['label'], teacher_logits, teacher_features,
-                    batch.get('teacher_fsp'))
-      values = {term.name: term(out) for term in phase.terms}
-      loss = sum(weights[name] * value for name, value in values.items())
-      return loss, (updates['batch_stats'], {'loss': loss, **values})
+  def call(state, inputs, teacher_variables, placed):
+    if on_device is not None:
+      seeds = jnp.broadcast_to(inputs['seed'], inputs['step'].shape)
+      inputs = (inputs['indices'], inputs['step'], seeds)
+    # A scan even of one step: every steps_per_call runs the same compiled loop body, so that
+    # runs with different steps_per_call give bit-identical results.
+    return lax.scan(lambda s, xs: one_step(s, xs, teacher_variables, placed), state, inputs)
 
-    grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
-    grads = lax.pmean(grads, 'batch')
-    batch_stats = lax.pmean(batch_stats, 'batch')
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics['lr'] = learning_rate(opt_state)  # The rate of this update.
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
-                                                                              updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
-    metrics['grad_norm'] = optax.tree.norm(grads)
-    return new_state, lax.pmean(metrics, 'batch')
-
-  return jax.pmap(step, axis_name='batch', donate_argnums=(0,))
+  return jax.pmap(call, axis_name='batch', donate_argnums=(0,))
 
 
 @functools.cache
 def make_eval_step(model: Student):
-  """A pmapped step (variables, batch with 'mask') -> (summed metrics, probabilities)."""
+  """A pmapped (variables, batch) -> {'probs': [devices, b, classes], 'loss': [devices, b]}:
+  each example's softmax and cross-entropy, inference mode."""
 
   def step(variables, batch):
     logits, _ = model.apply(variables, batch['image'], train=False)
-    mask = batch['mask']
-    metrics = {
-        'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
-        'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-            logits, batch['label']) * mask),
-        'count': jnp.sum(mask)}
-    return lax.psum(metrics, 'batch'), jax.nn.softmax(logits)
+    return {'probs': jax.nn.softmax(logits),
+            'loss': optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])}
 
   return jax.pmap(step, axis_name='batch')
 
@@ -159,10 +192,11 @@ def make_mean_fsp(model: Student):
 
 @functools.cache
 def make_fsp_step(model: Student):
-  """A pmapped (variables, images [devices, b, S, S, 3]) -> FSP matrices [devices, b, M, N]."""
+  """A pmapped (variables, batch) -> FSP matrices [devices, b, M, N] per stage of the batch's
+  images [devices, b, S, S, 3], inference mode."""
 
-  def step(variables, images):
-    _, features = model.apply(variables, images, train=False)
+  def step(variables, batch):
+    _, features = model.apply(variables, batch['image'], train=False)
     return fsp.fsp_matrices(features)
 
   return jax.pmap(step, axis_name='batch')

@@ -1,9 +1,9 @@
 """One network of a table through its phases: the training loop, evaluation and preemption.
 
-A *run* trains net k of a method: 'train' for plain training, 'stage1' then 'stage2' for FSP
-and FitNet. Every phase checkpoints into workdir/<method>/net<k>/<phase> and resumes from
-there; a finished run leaves result.json, its test-set probabilities (for ensembles) and
-model/ (its variables, usable as a teacher).
+A *run* trains net k (1, 2, ...) of a method: 'train' for plain training, 'stage1' then
+'stage2' for FSP and FitNet. Every phase checkpoints into its folder of the workdir (see
+`layout`) and resumes from there; a finished run leaves result.json, its test-set
+probabilities (for ensembles) and model/ (its variables, usable as a teacher).
 
 The loop never waits for the device between log steps: metrics stay on the device and are
 fetched every config.log_every steps and before every checkpoint, where a NaN or Inf stops the
@@ -11,7 +11,9 @@ run naming the step and term, before anything non-finite is saved.
 """
 
 import collections
+import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -23,65 +25,120 @@ from typing import Any
 from flax import jax_utils
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import optax
 
-from fsp_jax import checkpoints, data, logs, methods, steps
+from fsp_jax import checkpoints, data, device_data, logs, methods, steps
+from fsp_jax import workdir as workdir_lib
+from fsp_jax.adapters import Student
+from fsp_jax import layout as layout_lib
+from fsp_jax.layout import Layout, NetFiles
+from fsp_jax.terms import Phase
 
 SNAPSHOT_IMAGES = 256  # Test images whose mean FSP matrices a run saves for the report.
-_PREEMPTION = threading.Event()
+_STOP = threading.Event()
+_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT (Ctrl-C)'}
+_received: list[int] = []
 
 
 class Preempted(Exception):
-  """Raised after a SIGTERM (a TPU VM's preemption notice) once a checkpoint is saved."""
+  """Raised after SIGTERM (a TPU VM's preemption notice) or SIGINT, once a checkpoint is
+  saved; `signum` is the signal."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+def _on_signal(signum, frame):
+  del frame
+  if _STOP.is_set() and signum == signal.SIGINT:
+    raise KeyboardInterrupt  # A second Ctrl-C: stop at once, without saving.
+  _received.append(signum)
+  _STOP.set()
 
 
 def install_preemption_handler() -> None:
-  """Makes SIGTERM stop training at the next sync point, after a checkpoint (main thread)."""
+  """Makes SIGTERM and SIGINT stop training at the next step, after a checkpoint (a second
+  SIGINT aborts at once). Main thread only."""
   if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, lambda signum, frame: _PREEMPTION.set())
+    for signum in _SIGNALS:
+      signal.signal(signum, _on_signal)
 
 
 def preemption_requested(sync_point: bool) -> bool:
   """Whether to stop now. One host checks its flag every step; several agree at sync points
   (log and checkpoint steps), so that all stop at the same step."""
   if jax.process_count() == 1:
-    return _PREEMPTION.is_set()
+    return _STOP.is_set()
   if not sync_point:
     return False
-  flag = np.asarray(_PREEMPTION.is_set())
+  flag = np.asarray(_STOP.is_set())
   return bool(np.any(multihost_utils.process_allgather(flag)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Every:
+  """Whether a periodic action is due after `step` steps of a phase of `end` steps: every
+  `period` steps (never for period 0), and at the end where `at_end`."""
+  period: int
+  end: int
+  at_end: bool = True
+
+  def __call__(self, step: int) -> bool:
+    if step == self.end:
+      return self.at_end
+    return bool(self.period) and step % self.period == 0
+
+
+@dataclasses.dataclass
+class History:
+  """A run's curves, saved with each checkpoint and in result.json."""
+  train: list = dataclasses.field(default_factory=list)  # [global step, phase, loss]
+  eval: list = dataclasses.field(default_factory=list)   # [global step, test accuracy]
+  train_s: float = 0.0  # Training seconds, summed over every process that worked on it.
+
+  @classmethod
+  def from_json(cls, value: dict) -> 'History':
+    return cls(value['train'], value['eval'], value.get('train_s', 0.0))
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What every run of an experiment shares."""
   config: Any
-  workdir: str
+  layout: Layout
   train_source: Any
   eval_source: Any
-  preprocess: data.Preprocess  # Augments when given an RNG (training), not in evaluation.
+  preprocess: data.Preprocess  # Augments when given draws (training), not in evaluation.
   teacher_fsp: tuple | None = None  # The teacher's matrices by training example (fsp.cache).
+  placed: device_data.Placed | None = None  # The training split on the devices (on_device).
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run:
-  """Net `net` (0-based) of a method: its network and, if it needs one, the teacher."""
+  """Net `net` (1, 2, ...) of a method: its network and, if it needs one, the teacher."""
   method: methods.Method
   net: int
   model_name: str
-  student: methods.Student
-  teacher: methods.Student | None = None
+  student: Student
+  teacher: Student | None = None
   teacher_variables: Any = None  # Replicated over the local devices.
 
   @property
   def label(self) -> str:
-    return f'{self.method.name} net{self.net + 1}'
+    return f'{self.method.name} net{self.net}'
 
-  def directory(self, workdir: str) -> str:
-    return os.path.join(workdir, self.method.name, f'net{self.net + 1}')
+  def seed(self, config) -> int:
+    """Its initialisation's and data order's seed: net k of every method shares it."""
+    return config.seed + self.net - 1
+
+  def files(self, layout: Layout) -> NetFiles:
+    return layout.net(self.method.name, self.net)
 
 
 def gather_in_order(chunks: list[np.ndarray]) -> np.ndarray:
@@ -90,24 +147,34 @@ def gather_in_order(chunks: list[np.ndarray]) -> np.ndarray:
   return np.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:])
 
 
-def evaluate(model, variables, source, preprocess, batch_size: int):
+def predict(step, variables, source, preprocess: data.Preprocess, batch_size: int):
+  """One pass of a pmapped step(variables, sharded batch) -> per-example outputs [devices, b,
+  ...] over a split in order: (outputs [N, ...] of every example, labels [N]) on every host.
+
+  variables are replicated over the local devices.
+  """
+  outputs, labels, masks = [], [], []
+  for batch in data.eval_batches(source, preprocess, batch_size):
+    out = step(variables, data.shard(batch, jax.local_device_count()))
+    outputs.append(jax.tree_util.tree_map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]),
+                                          out))
+    labels.append(batch['label'])
+    masks.append(batch['mask'])
+  mask = gather_in_order(masks)
+  outputs = jax.tree_util.tree_map(lambda *chunks: gather_in_order(list(chunks))[mask],
+                                   *outputs)
+  return outputs, gather_in_order(labels)[mask]
+
+
+def evaluate(model, variables, source, preprocess: data.Preprocess, batch_size: int):
   """Accuracy and loss over a split; its probabilities [N, classes] and labels [N], in order.
 
   variables are replicated over the local devices.
   """
-  eval_step = steps.make_eval_step(model)
-  totals, probs, labels, masks = None, [], [], []
-  for batch in data.eval_batches(source, preprocess, batch_size):
-    metrics, p = eval_step(variables, data.shard(batch, jax.local_device_count()))
-    metrics = jax.device_get(jax_utils.unreplicate(metrics))
-    totals = metrics if totals is None else {k: totals[k] + metrics[k] for k in totals}
-    probs.append(np.asarray(p).reshape(-1, p.shape[-1]))
-    labels.append(batch['label'])
-    masks.append(batch['mask'])
-  probs, labels, masks = (gather_in_order(x) for x in (probs, labels, masks))
-  count = max(1, int(totals['count']))
-  metrics = {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count}
-  return metrics, probs[masks], labels[masks]
+  out, labels = predict(steps.make_eval_step(model), variables, source, preprocess, batch_size)
+  metrics = {'accuracy': float(np.mean(np.argmax(out['probs'], -1) == labels)),
+             'loss': float(np.mean(out['loss']))}
+  return metrics, out['probs'], labels
 
 
 def _report_eval(where: str, step: int, metrics: dict, writer: logs.Writer) -> None:
@@ -126,8 +193,8 @@ def _check_finite(fetched: list[dict], first_step: int, where: str, last_saved: 
           + f'; {last_saved}. Lower this phase\'s learning rates or check the teacher.')
 
 
-def _batches(ctx: Context, run: Run, phase: methods.Phase, start: int):
-  """Sharded training batches on the devices from step `start` on."""
+def _host_batches(ctx: Context, run: Run, phase: Phase, start: int):
+  """The host pipeline's training batches from step `start` on, sharded [devices, b, ...]."""
   preprocess, cache = ctx.preprocess, None
   if phase.cached_fsp:  # The un-augmented images the teacher's matrices were computed on.
     preprocess = functools.partial(lambda p, images, draws: p(images, None), ctx.preprocess)
@@ -140,105 +207,162 @@ def _batches(ctx: Context, run: Run, phase: methods.Phase, start: int):
     return data.shard(batch, jax.local_device_count())
 
   batches = data.train_batches(ctx.train_source, preprocess, ctx.config.batch_size,
-                               ctx.config.seed + run.net, start_step=start,
-                               num_steps=phase.steps, workers=ctx.config.data.workers)
-  return _on_devices(map(with_teacher_fsp, batches), ahead=2)
+                               run.seed(ctx.config), start_step=start, num_steps=phase.steps,
+                               workers=ctx.config.data.workers)
+  return map(with_teacher_fsp, batches)
 
 
-def _on_devices(batches, ahead: int):
-  """Batches [devices, ...] placed on the local devices (one device_put each, asynchronous),
-  `ahead` of the step that reads them."""
+def call_inputs(ctx: Context, run: Run, phase: Phase, start: int):
+  """The inputs of every call of the phase from step `start` on, on the local devices."""
+  config = ctx.config
+  if ctx.placed is not None:
+    return _on_devices(device_data.calls(len(ctx.train_source), config.batch_size,
+                                         run.seed(config), start, phase.steps,
+                                         config.steps_per_call), ahead=2)
+  return _on_devices(data.grouped(_host_batches(ctx, run, phase, start),
+                                  config.steps_per_call), ahead=2)
+
+
+def _on_devices(inputs, ahead: int):
+  """Inputs [devices, ...] placed on the local devices (one device_put each, asynchronous),
+  `ahead` of the call that reads them."""
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
   placed = collections.deque()
-  for batch in batches:
-    placed.append(jax.device_put(batch, sharding))
+  for item in inputs:
+    placed.append(jax.device_put(item, sharding))
     if len(placed) > ahead:
       yield placed.popleft()
   yield from placed
 
 
-def phase_optimizer(config, phase: methods.Phase) -> optax.GradientTransformation:
+def phase_optimizer(config, phase: Phase) -> optax.GradientTransformation:
   """A phase's optimizer: its schedule and clipping, the config's weight decay and momentum."""
   return steps.optimizer(phase.schedule, config.weight_decay, config.momentum,
                          phase.max_grad_norm)
 
 
-def train_phase(ctx: Context, run: Run, phase: methods.Phase, state: steps.TrainState,
-                history: dict, offset: int, writer: logs.Writer):
-  """Trains one phase from its latest checkpoint (or from `state`) to its end.
+def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: History,
+                offset: int, writer: logs.Writer) -> tuple[dict, History]:
+  """Trains one phase from its latest checkpoint, or from `variables` with a fresh optimizer,
+  to its end; returns the network's variables and the run's history.
 
   offset is the number of steps of earlier phases, for global step numbers in the logs.
-  Returns (state, history); history['train_s'] sums the run's training seconds over every
-  process that worked on it (saved with each checkpoint). Raises Preempted after SIGTERM (once
-  a checkpoint is saved) and FloatingPointError on a non-finite loss or gradient (keeping the
-  last good checkpoint).
+  history.train_s sums the run's training seconds over every process that worked on it.
+  Raises Preempted after SIGTERM or SIGINT (once a checkpoint is saved) and FloatingPointError
+  on a non-finite loss or gradient (keeping the last good checkpoint).
   """
   config, where = ctx.config, f'{run.label} {phase.name}'
-  saved = checkpoints.PhaseCheckpoints(
-      os.path.join(run.directory(ctx.workdir), phase.name), config.keep_checkpoints, where)
-  state, history, start = saved.restore(state, history)
-  began, spent = time.time(), history.get('train_s', 0.0)  # Earlier phases' and processes'.
+  tx = phase_optimizer(config, phase)
+  saved = checkpoints.PhaseCheckpoints(run.files(ctx.layout).phase(phase.name),
+                                       config.keep_checkpoints, where)
+  state, restored, start = saved.restore(steps.fresh_state(variables, tx), history.to_json())
+  history = History.from_json(restored)
   if start >= phase.steps:
     saved.close()
-    return state, history
+    return state.variables(), history
+  began, spent = time.time(), history.train_s  # Earlier phases' and processes'.
   last_saved = f'the last good checkpoint is step {start} in {saved.directory}' if start else \
       'no checkpoint of this phase was saved yet'
-  tx = phase_optimizer(config, phase)
-  train_step = steps.make_train_step(run.student, run.teacher, phase, tx)
-  evaluates = any(term.name == 'ce' for term in phase.terms) and config.eval_every
-  batches = _batches(ctx, run, phase, start)
-  replicated = steps.replicate(state)
-  progress, pending = logs.Progress(where, start, phase.steps, config.batch_size), []
-  for step in range(start, phase.steps):
-    replicated, metrics = train_step(replicated, next(batches), run.teacher_variables)
-    pending.append(metrics)
-    done = step + 1
-    log = done % config.log_every == 0 or done == phase.steps
-    save = done % config.checkpoint_every == 0 or done == phase.steps
-    preempted = preemption_requested(sync_point=log or save)
-    if log or save or preempted:  # The only points where the host waits for the device.
-      fetched = [{k: float(v[0]) for k, v in m.items()} for m in jax.device_get(pending)]
-      _check_finite(fetched, done - len(pending) + 1, where, last_saved)
-      pending = []
-    if log:
-      metrics = fetched[-1]
-      rate = progress.report(done, {k: v for k, v in metrics.items() if k != 'lr'})
-      writer.scalars(offset + done, {**{f'{phase.name}/{k}': v for k, v in metrics.items()},
-                                     'train/images_per_s': rate})
-      history['train'].append([offset + done, phase.name, metrics['loss']])
-    # The end of the phase is evaluated once, by train_net.
-    if evaluates and done % config.eval_every == 0 and done < phase.steps:
-      result, _, _ = evaluate(run.student, replicated.variables(), ctx.eval_source,
-                              ctx.preprocess, config.eval_batch_size)
-      _report_eval(where, offset + done, result, writer)
-      history['eval'].append([offset + done, result['accuracy']])
-    if save or preempted:
-      history['train_s'] = spent + time.time() - began
-      saved.save(done, jax.device_get(jax_utils.unreplicate(replicated)), history)
-      last_saved = f'the last good checkpoint is step {done} in {saved.directory}'
-    if preempted:
-      saved.close()
-      raise Preempted(f'[{where}] SIGTERM: saved a checkpoint at step {done} in '
-                      f'{saved.directory}; run the same command again to resume.')
-  saved.close()
-  return jax.device_get(jax_utils.unreplicate(replicated)), history
+  k = config.steps_per_call
+  train_step = steps.make_train_step(run.student, run.teacher, phase, tx, (
+      ctx.preprocess if ctx.placed is not None else None))
+  log_due, save_due = Every(config.log_every, phase.steps), Every(config.checkpoint_every,
+                                                                  phase.steps)
+  # The end of a run is evaluated once, by train_net.
+  eval_due = Every(config.eval_every if phase.evaluates else 0, phase.steps, at_end=False)
+  try:
+    inputs = call_inputs(ctx, run, phase, start)
+    replicated = steps.replicate(state)
+    progress, pending = logs.Progress(where, start, phase.steps, config.batch_size), []
+    for first in range(start, phase.steps, k):
+      replicated, metrics = train_step(replicated, next(inputs), run.teacher_variables,
+                                       ctx.placed)
+      pending.append(metrics)
+      done = first + k
+      log, save = log_due(done), save_due(done)
+      stop = preemption_requested(sync_point=log or save)
+      if log or save or stop:  # The only points where the host waits for the device.
+        fetched = [{name: float(v[0, j]) for name, v in m.items()}
+                   for m in jax.device_get(pending) for j in range(k)]
+        _check_finite(fetched, done - len(fetched) + 1, where, last_saved)
+        pending = []
+      if log:
+        metrics = fetched[-1]
+        rate = progress.report(done, {k: v for k, v in metrics.items() if k != 'lr'})
+        writer.scalars(offset + done, {**{f'{phase.name}/{k}': v for k, v in metrics.items()},
+                                       'train/images_per_s': rate})
+        history.train.append([offset + done, phase.name, metrics['loss']])
+      if eval_due(done):
+        result, _, _ = evaluate(run.student, replicated.variables(), ctx.eval_source,
+                                ctx.preprocess, config.eval_batch_size)
+        _report_eval(where, offset + done, result, writer)
+        history.eval.append([offset + done, result['accuracy']])
+      if save or stop:
+        history.train_s = spent + time.time() - began
+        saved.save(done, jax.device_get(jax_utils.unreplicate(replicated)), history.to_json())
+        last_saved = f'the last good checkpoint is step {done} in {saved.directory}'
+      if stop:
+        signum = _received[-1] if _received else signal.SIGTERM
+        raise Preempted(f'[{where}] {_SIGNALS[signum]}: saved a checkpoint at step {done} in '
+                        f'{saved.directory}; run the same command again to resume.', signum)
+  finally:
+    saved.close()
+  return jax.device_get(jax_utils.unreplicate(replicated)).variables(), history
 
 
-def start_from(state: steps.TrainState, pretrained, keep_head: bool) -> steps.TrainState:
-  """state with its backbone's variables from `pretrained`; its classifier head too where
+def start_from(variables: dict, pretrained: dict, keep_head: bool) -> dict:
+  """variables with their backbone's from `pretrained`; the classifier head too where
   keep_head (a network of the data set's own classes), else a new one."""
   params = dict(pretrained['params']['backbone'])
   if not keep_head:
-    params['head'] = state.params['backbone']['head']
-  return state.replace(params={**state.params, 'backbone': params},
-                       batch_stats={**state.batch_stats,
-                                    'backbone': pretrained['batch_stats']['backbone']})
+    params['head'] = variables['params']['backbone']['head']
+  return {'params': {**variables['params'], 'backbone': params},
+          'batch_stats': {**variables['batch_stats'],
+                          'backbone': pretrained['batch_stats']['backbone']}}
 
 
-def mean_fsp_matrices(model, variables, images) -> list[np.ndarray]:
-  """The FSP matrices [M, N] of each stage, averaged over images [B, S, S, 3] (eval mode)."""
-  return [np.asarray(g) for g in steps.make_mean_fsp(model)(variables, images)]
+def initial_variables(ctx: Context, run: Run) -> dict:
+  """The network's variables before its first phase: drawn from its seed, the backbone from
+  the teacher's where the method starts from it."""
+  variables = jax.jit(steps.init_variables, static_argnums=(0, 2))(
+      run.student, jax.random.key(run.seed(ctx.config)), ctx.config.data.image_size)
+  if run.method.starts_from_teacher:
+    variables = start_from(variables, jax_utils.unreplicate(run.teacher_variables),
+                           keep_head=not ctx.config.teacher.num_classes)
+  return variables
+
+
+class FspSnapshot:
+  """The mean FSP matrices [M, N] per stage, on the first test images, of the teacher and of
+  the student before and after its first stage: the report's heatmaps."""
+
+  def __init__(self, ctx: Context, run: Run, before: dict):
+    self.run = run
+    self.images = next(data.eval_batches(ctx.eval_source, ctx.preprocess, SNAPSHOT_IMAGES, 0,
+                                         1))['image']
+    self.matrices = {
+        'teacher': self._mean(run.teacher, jax_utils.unreplicate(run.teacher_variables)),
+        'before': self._mean(run.student, before)}
+
+  def _mean(self, model, variables) -> list[np.ndarray]:
+    return [np.asarray(g) for g in steps.make_mean_fsp(model)(variables, self.images)]
+
+  def save(self, after: dict, path: str) -> None:
+    self.matrices['after'] = self._mean(self.run.student, after)
+    if jax.process_index() == 0:
+      with checkpoints.writing(path, 'the checkpoints of its first stage are intact'):
+        np.savez(path, **{f'{when}_{k}': g for when, gs in self.matrices.items()
+                          for k, g in enumerate(gs)})
+
+
+def export_model(path: str, variables: dict) -> None:
+  """Saves the network's own variables (the backbone's: no adapter or regressor) to path, an
+  Orbax checkpoint that `checkpoints.load_variables` reads, as a teacher or for inference."""
+  export = {kind: variables[kind]['backbone'] for kind in ('params', 'batch_stats')}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(path), export, force=True)
+    checkpointer.wait_until_finished()
 
 
 def save_json(path: str, value) -> None:
@@ -249,55 +373,66 @@ def save_json(path: str, value) -> None:
     os.replace(path + '.tmp', path)
 
 
+def _claim(files: NetFiles, settings: dict, label: str) -> None:
+  """Makes the net's folder hold checkpoints of these settings: a folder of other settings
+  (left before --allow_config_change) is moved aside, saying so, and the net starts anew."""
+  if jax.process_index() == 0:
+    if os.path.exists(files.settings):
+      recorded = layout_lib.read_json(files.settings, 'the settings of this net\'s checkpoints')
+      if recorded != settings:
+        changed = ', '.join(workdir_lib.config_changes(recorded, settings)) or 'its method'
+        aside = files.replaced(f'{datetime.datetime.now():%Y%m%d-%H%M%S}')
+        os.replace(files.root, aside)
+        logs.say(f'[{label}] its checkpoints were made with other settings ({changed}): moved '
+                 f'to {aside}; this net starts anew.')
+    if not os.path.exists(files.settings):
+      os.makedirs(files.root, exist_ok=True)
+      save_json(files.settings, settings)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'claimed {files.root}')
+
+
+def _train_phases(ctx: Context, run: Run, writer: logs.Writer) -> tuple[dict, History]:
+  """The run's network through all its phases (snapshotting its FSP matrices around the first
+  where it learns them): its final variables and history."""
+  config, files = ctx.config, run.files(ctx.layout)
+  variables = initial_variables(ctx, run)
+  snapshot = FspSnapshot(ctx, run, variables) if run.method.learns_fsp_first(config) else None
+  history, offset = History(), 0
+  for k, phase in enumerate(run.method.phases(config)):
+    variables, history = train_phase(ctx, run, phase, variables, history, offset, writer)
+    offset += phase.steps
+    if snapshot and k == 0:
+      snapshot.save(variables, files.fsp_matrices)
+  return variables, history
+
+
 def train_net(ctx: Context, run: Run) -> dict:
   """Trains a run through its phases (or finds it done), evaluates it, returns its result."""
-  config, run_dir = ctx.config, run.directory(ctx.workdir)
-  result_path = os.path.join(run_dir, 'result.json')
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
+  config, files = ctx.config, run.files(ctx.layout)
+  if os.path.exists(files.result):
+    return layout_lib.read_json(files.result, 'a finished net\'s result')
+  _claim(files, run.method.settings(config), run.label)
   phases = run.method.phases(config)
-  state = steps.create_train_state(run.student, jax.random.key(config.seed + run.net),
-                                   config.data.image_size,
-                                   phase_optimizer(config, phases[0]))
-  if run.method.starts_from_teacher:
-    state = start_from(state, jax_utils.unreplicate(run.teacher_variables),
-                       keep_head=not config.teacher.num_classes)
-  writer = logs.Writer(os.path.join(ctx.workdir, 'tensorboard', run.label.replace(' ', '_')))
-  snapshot = {}
-  if phases[0].name == 'stage1' and phases[0].terms[0].name == 'fsp':  # For the heatmaps.
-    images = next(data.eval_batches(ctx.eval_source, ctx.preprocess, SNAPSHOT_IMAGES, 0, 1))
-    snapshot['teacher'] = mean_fsp_matrices(run.teacher, jax_utils.unreplicate(
-        run.teacher_variables), images['image'])
-    snapshot['before'] = mean_fsp_matrices(run.student, state.variables(), images['image'])
-  history, offset = {'train': [], 'eval': []}, 0
-  for phase in phases:
-    if offset:  # A new phase keeps the weights and starts a fresh optimizer.
-      tx = phase_optimizer(config, phase)
-      state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=state.params,
-                               batch_stats=state.batch_stats, opt_state=tx.init(state.params))
-    state, history = train_phase(ctx, run, phase, state, history, offset, writer)
-    offset += phase.steps
-    if snapshot and phase.name == 'stage1' and jax.process_index() == 0:
-      snapshot['after'] = mean_fsp_matrices(run.student, state.variables(), images['image'])
-      np.savez(os.path.join(run_dir, 'fsp_matrices.npz'),
-               **{f'{when}_{k}': g for when, gs in snapshot.items() for k, g in enumerate(gs)})
-  evaluated = time.time()
-  metrics, probs, labels = evaluate(run.student, steps.replicate(state.variables()),
-                                    ctx.eval_source, ctx.preprocess, config.eval_batch_size)
-  history['eval'].append([offset, metrics['accuracy']])
-  _report_eval(run.label, offset, metrics, writer)
-  writer.close()
-  export = {'params': state.params['backbone'], 'batch_stats': state.batch_stats['backbone']}
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(os.path.join(run_dir, 'model')), export, force=True)
-    checkpointer.wait_until_finished()
-  result = {'method': run.method.name, 'net': run.net + 1, 'model': run.model_name,
-            **metrics, 'iterations': offset,
-            'wall_s': history.get('train_s', 0.0) + time.time() - evaluated,
-            'history': history}
+  iterations = sum(phase.steps for phase in phases)
+  with contextlib.closing(logs.Writer(files.tensorboard)) as writer:
+    variables, history = _train_phases(ctx, run, writer)
+    evaluated = time.time()
+    metrics, probs, labels = evaluate(run.student, steps.replicate(variables), ctx.eval_source,
+                                      ctx.preprocess, config.eval_batch_size)
+    history.eval.append([iterations, metrics['accuracy']])
+    _report_eval(run.label, iterations, metrics, writer)
+  result = {'method': run.method.name, 'net': run.net, 'model': run.model_name, **metrics,
+            'iterations': iterations, 'task_iterations': phases[-1].steps,
+            'wall_s': history.train_s + time.time() - evaluated, 'history': history.to_json()}
+  intact = f'its last checkpoints in {files.root} are intact'
+  with checkpoints.writing(files.model, intact):
+    export_model(files.model, variables)
   if jax.process_index() == 0:
-    np.save(os.path.join(run_dir, 'test_probs.npy'), probs.astype(np.float32))
-    np.save(os.path.join(ctx.workdir, 'test_labels.npy'), labels)
-  save_json(result_path, result)
+    for path, array in ((files.test_probs, probs.astype(np.float32)),
+                        (ctx.layout.test_labels, labels)):
+      with checkpoints.writing(path, intact):
+        np.save(path, array)
+  with checkpoints.writing(files.result, intact):
+    save_json(files.result, result)
   return result

@@ -17,10 +17,12 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from fsp_jax import layout as layout_lib
+from fsp_jax.layout import Layout
+
 # Settings that change how a run reports and saves, not its results.
 NEUTRAL_KEYS = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
                 'eval_batch_size')
-LOCK = 'lock.json'
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:
@@ -51,7 +53,7 @@ def create(workdir: str) -> None:
   """Makes the workdir, with a clear error when it is a file or cannot be written."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir} is a file; expected a folder (new or of this run).')
-  probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+  probe = Layout(workdir).write_test
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(probe, 'w'):
@@ -65,12 +67,12 @@ def create(workdir: str) -> None:
 def bind_config(workdir: str, config: ml_collections.ConfigDict,
                 allow_change: bool = False) -> None:
   """Writes config.json, or checks the config against the one already there."""
-  path = os.path.join(workdir, 'config.json')
+  path = Layout(workdir).config
   new = json.loads(config.to_json_best_effort())
   changes = {}
   if os.path.exists(path):
-    with open(path) as f:
-      changes = config_changes(json.load(f), new)
+    changes = config_changes(layout_lib.read_json(path, 'the settings this workdir was run with'),
+                             new)
   if changes and not allow_change:
     listed = '; '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in
                        ((k, *v) for k, v in changes.items()))
@@ -98,35 +100,60 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def _holder(path: str) -> dict | None:
+  """The lock's {'pid', 'host', 'since'}, or None where it cannot be read (a lock is written
+  whole, so an unreadable one was left broken, never half-written by a live run)."""
+  try:
+    with open(path) as f:
+      holder = json.load(f)
+    int(holder['pid'])
+    return holder if isinstance(holder.get('host'), str) else None
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _create(whole: str, path: str) -> None:
+  """Creates path with whole's content in one step, or raises FileExistsError."""
+  try:
+    os.link(whole, path)
+  except FileExistsError:
+    raise
+  except OSError:  # A file system without hard links: create, then write.
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with open(whole) as source, os.fdopen(fd, 'w') as f:
+      f.write(source.read())
+
+
 def _take(path: str) -> str | None:
   """Creates the lock, or returns why not (the holder)."""
   me = {'pid': os.getpid(), 'host': socket.gethostname(),
         'since': datetime.datetime.now().isoformat(timespec='seconds')}
-  for _ in range(2):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+  whole = f'{path}.{os.getpid()}.tmp'
+  with open(whole, 'w') as f:
+    json.dump(me, f)
+  try:
+    for _ in range(2):
       try:
-        with open(path) as f:
-          holder = json.load(f)
-      except (OSError, ValueError):
-        holder = {}
-      if holder.get('host') == me['host'] and not _alive(int(holder.get('pid', -1))):
-        print(f'Taking over {path}: its process {holder.get("pid")} has ended.', flush=True)
+        _create(whole, path)
+        return None
+      except FileExistsError:
+        holder = _holder(path)
+        if holder is None:
+          print(f'Taking over {path}: it cannot be read, so no run holds it.', flush=True)
+        elif holder['host'] == me['host'] and not _alive(int(holder['pid'])):
+          print(f'Taking over {path}: its process {holder["pid"]} has ended.', flush=True)
+        else:
+          return f'process {holder["pid"]} on {holder["host"]} (since {holder.get("since", "?")})'
         os.remove(path)
-        continue
-      return (f'process {holder.get("pid", "?")} on {holder.get("host", "?")} (since '
-              f'{holder.get("since", "?")})')
-    with os.fdopen(fd, 'w') as f:
-      json.dump(me, f)
-    return None
-  return 'another process that took the lock at the same time'
+    return 'another process that took the lock at the same time'
+  finally:
+    os.remove(whole)
 
 
 @contextlib.contextmanager
 def lock(workdir: str):
   """Holds workdir/lock.json while the run writes (process 0 takes it for every host)."""
-  path = os.path.join(workdir, LOCK)
+  path = Layout(workdir).lock
   holder = _take(path) if jax.process_index() == 0 else None
   if not _all_agree(holder is None):
     raise RuntimeError(f'--workdir {workdir} is in use by {holder or "another run"}: wait for '

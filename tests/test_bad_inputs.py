@@ -15,6 +15,7 @@ import pytest
 from configs import common
 from fsp_jax import config as config_lib
 from fsp_jax import experiment
+import helpers
 import test_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,16 +25,17 @@ jax.monitoring.register_event_duration_secs_listener(  # XLA compilations, or ca
     if 'backend_compile' in event or 'compilation_cache' in event else None)
 
 FOLDER = '<folder>'  # Replaced by a generated ImageFolder tree with train and test splits.
+TEACHER = '<teacher>'  # <teacher>N: replaced by a saved ResNet-8 of width 1 and N classes.
 CASES = {  # name: ({key: value}, pattern of the error)
     'unknown method': ({'methods': 'fsp,hint'}, r"config.methods: unknown \['hint'\]"),
-    'no nets': ({'num_nets': 0}, r'config.num_nets: expected an integer >= 1, got 0'),
-    'negative seed': ({'seed': -1}, r'config.seed: expected an integer >= 0, got -1'),
+    'no nets': ({'num_nets': 0}, r'config.num_nets: expected an integer in \[1, 1000\], got 0'),
+    'negative seed': ({'seed': -1}, r'config.seed: expected an integer in \[0, 2147483647\], got -1'),
     'batch not divisible': ({'batch_size': 10}, r'config.batch_size: 10 is not divisible by '
                             'the 4 devices'),
     'batch over the split': ({'batch_size': 4096}, r'config.batch_size: 4096 exceeds the 1437'),
     'eval batch 0': ({'eval_batch_size': 0}, r'config.eval_batch_size: expected an integer'),
-    'log_every 0': ({'log_every': 0}, r'config.log_every: expected an integer >= 1'),
-    'eval_every negative': ({'eval_every': -1}, r'config.eval_every: expected an integer >= 0'),
+    'log_every 0': ({'log_every': 0}, r'config.log_every: expected an integer in \[1, '),
+    'eval_every negative': ({'eval_every': -1}, r'config.eval_every: expected an integer in \[0, '),
     'checkpoint_every 0': ({'checkpoint_every': 0}, r'config.checkpoint_every: expected'),
     'keep no checkpoints': ({'keep_checkpoints': 0}, r'config.keep_checkpoints: expected'),
     'unknown dtype': ({'dtype': 'float16'}, r"config.dtype: unknown 'float16'.*bfloat16"),
@@ -42,7 +44,7 @@ CASES = {  # name: ({key: value}, pattern of the error)
     'unknown student': ({'student.model': 'resnet9'}, r"config.student.model: Unknown model "
                         r"'resnet9'.*resnet26"),
     'unknown teacher': ({'teacher.model': 'vgg16'}, r"config.teacher.model: Unknown model"),
-    'width 0': ({'teacher.width': 0}, r'config.teacher.width: expected an integer >= 1'),
+    'width 0': ({'teacher.width': 0}, r'config.teacher.width: expected an integer in \[1, 64\]'),
     'unknown data set': ({'data.name': 'imagenet'}, r"config.data.name: unknown data set "
                          r"'imagenet'.*digits"),
     'unknown augment': ({'data.augment': 'mixup'}, r"config.data.augment: unknown 'mixup'"),
@@ -71,23 +73,23 @@ CASES = {  # name: ({key: value}, pattern of the error)
                           'expected 3 weights'),
     'negative stage weight': ({'fsp.stage_weights': (-1.0, 1.0, 1.0)},
                               r'config.fsp.stage_weights: expected a tuple of weights >= 0'),
-    'fsp weight 0': ({'fsp.weight': 0.0}, r'config.fsp.weight: expected a number > 0'),
-    'negative workers': ({'data.workers': -1}, r'config.data.workers: expected an integer >= 0'),
+    'fsp weight 0': ({'fsp.weight': 0.0}, r'config.fsp.weight: expected a finite number > 0'),
+    'negative workers': ({'data.workers': -1}, r'config.data.workers: expected an integer in \[0, 1024\]'),
     'negative clip norm': ({'fsp.max_grad_norm': -1.0}, r'config.fsp.max_grad_norm: expected a '
-                           'number >= 0'),
+                           'finite number >= 0'),
     'negative task weight': ({'fsp.task_weight': -1.0}, r'config.fsp.task_weight: expected a '
-                             'number >= 0'),
+                             'finite number >= 0'),
     'negative shuffle seed': ({'fsp.shuffle_seed': -3}, r'config.fsp.shuffle_seed: expected'),
-    'kd temperature 0': ({'kd.temperature': 0.0}, r'config.kd.temperature: expected a number '
-                         '> 0'),
+    'kd temperature 0': ({'kd.temperature': 0.0}, r'config.kd.temperature: expected a finite '
+                         'number > 0'),
     'fitnet temperature 0': ({'fitnet.temperature': 0.0}, r'config.fitnet.temperature: '),
     'fitnet weights': ({'fitnet.kd_weight': (1.0,)}, r'config.fitnet.kd_weight: expected '
                        r'\(start, end\)'),
     'fitnet normalisation': ({'fitnet.normalize': 'entries'}, r"config.fitnet.normalize: "
                              r"unknown 'entries'"),
-    'fitnet weight 0': ({'fitnet.weight': 0.0}, r'config.fitnet.weight: expected a number > 0'),
+    'fitnet weight 0': ({'fitnet.weight': 0.0}, r'config.fitnet.weight: expected a finite number > 0'),
     'negative fitnet clip': ({'fitnet.max_grad_norm': -1.0}, r'config.fitnet.max_grad_norm: '
-                             'expected a number >= 0'),
+                             'expected a finite number >= 0'),
     'unknown hint': ({'methods': 'fitnet', 'fitnet.hint': 'stage9_out'}, r"config.fitnet.hint: "
                      r"'stage9_out' is not a feature of both networks"),
     'widths differ': ({'teacher.width': 2}, r"config.student.model='resnet8' \(width 1\) cannot "
@@ -112,20 +114,60 @@ CASES = {  # name: ({key: value}, pattern of the error)
                        r'Image file .*cut.jpg is truncated: a JPEG file must end with'),
     'missing split': ({'data.name': 'folder', 'data.root': FOLDER, 'data.eval_split': 'val'},
                       r'Data folder .*val does not exist'),
+    'test classes by name': ({'data.name': 'folder', 'data.root': FOLDER + 'renamed'},
+                             r"config.data: the 'test' split's classes are not the 'train' "
+                             r"split's: only in 'train': \['b'\]; only in 'test': \['c'\]"),
+    'one class': ({'data.name': 'folder', 'data.root': FOLDER, 'data.classes': ('a',)},
+                  r"config.data: the 'train' split has 1 class; classifying needs at least two"),
+    'class twice': ({'data.name': 'folder', 'data.root': FOLDER, 'data.classes': ('a', 'b', 'a')},
+                    r"config.data.classes: names \['a'\] more than once"),
+    'method twice': ({'methods': 'fsp,scratch,fsp'}, r"config.methods: names \['fsp'\] more "
+                     'than once'),
+    'seed past int32': ({'seed': 2**31}, r'config.seed: expected an integer in \[0, 2147483647\]'),
+    'seed of the last net past int32': ({'seed': 2**31 - 1, 'num_nets': 2},
+                                        r'config.seed: 2147483647 \+ 1 .*exceeds'),
+    'infinite rate': ({'scratch.lrs': (1e999, 0.01, 0.001)}, r'config.scratch.lrs: learning '
+                      'rates must be positive and finite'),
+    'nan weight': ({'fsp.weight': float('nan')}, r'config.fsp.weight: expected a finite number'),
+    'infinite clip norm': ({'fsp.max_grad_norm': float('inf')}, r'config.fsp.max_grad_norm: '
+                           'expected a finite number'),
+    'nan stage weight': ({'fsp.stage_weights': (1.0, float('nan'), 1.0)},
+                         r'config.fsp.stage_weights: expected a tuple of weights >= 0'),
+    'steps per call and logs': ({'steps_per_call': 3}, r'config.log_every: 1 is not a multiple '
+                                r'of config.steps_per_call=3'),
+    'steps per call and phases': ({'steps_per_call': 2, 'log_every': 2, 'checkpoint_every': 2},
+                                  r'config.steps_per_call: 2 does not divide the 3 iterations'),
+    'teacher checkpoint a file': ({'teacher.checkpoint': 'file'}, r"config.teacher.checkpoint: "
+                                  r"'.*' is a file; give the folder of an Orbax checkpoint"),
+    'teacher of another width': ({'teacher.checkpoint': TEACHER + '10', 'teacher.width': 2,
+                                  'student.width': 2, 'teacher.model': 'resnet8'},
+                                 r'config.teacher.checkpoint: .* does not hold a ResNet of '
+                                 r'\(1, 1, 1\) blocks, widths \(32, 64, 128\) and 10 classes: '
+                                 r'params/head/kernel is \(64, 10\) there and \(128, 10\) in '
+                                 r'the model'),
+    'teacher of another depth': ({'teacher.checkpoint': TEACHER + '10'}, r'config.teacher.'
+                                 r'checkpoint: .* does not hold a ResNet of \(4, 4, 4\) blocks.*:'
+                                 r' it has no params/stage1_block2/'),
+    'teacher of other classes': ({'teacher.checkpoint': TEACHER + '5',
+                                  'teacher.model': 'resnet8'}, r'config.teacher.checkpoint: .* '
+                                 r'its classifier has 5 classes where the model has 10 '
+                                 r'\(params/head/bias \(5,\) against \(10,\)\)'),
     'workdir is a file': ({'workdir': 'file'}, r'--workdir .* is a file; expected a folder'),
     'workdir not writable': ({'workdir': '/proc/fsp_jax'}, r'--workdir /proc/fsp_jax cannot be '
                              'written'),
 }
 
 
-def _folder(tmp_path, truncated):
-  """An ImageFolder tree root/{train,test}/{a,b}/*.png, with a cut JPEG if truncated."""
+def _folder(tmp_path, variant):
+  """An ImageFolder tree root/{train,test}/{a,b}/*.png; with variant 'truncated' a cut JPEG,
+  with 'renamed' the test split's class b named c."""
   root = str(tmp_path / 'folder')
   for split in ('train', 'test'):
     for label in ('a', 'b'):
+      name = 'c' if (variant, split, label) == ('renamed', 'test', 'b') else label
       for i in range(8):
-        test_data.write_image(os.path.join(root, split, label, f'{i}.png'), i, size=(16, 16))
-  if truncated:
+        test_data.write_image(os.path.join(root, split, name, f'{i}.png'), i, size=(16, 16))
+  if variant == 'truncated':
     path = os.path.join(root, 'train', 'a', 'cut.jpg')
     test_data.write_image(path, 0, size=(16, 16))
     with open(path, 'rb') as f:
@@ -149,7 +191,13 @@ def test_bad_input_fails_at_once_naming_it(name, tmp_path):
         open(workdir, 'w').close()
       continue
     if isinstance(value, str) and value.startswith(FOLDER):
-      value = _folder(tmp_path, truncated=value.endswith('truncated'))
+      value = _folder(tmp_path, value[len(FOLDER):])
+    if isinstance(value, str) and value.startswith(TEACHER):
+      classes = int(value[len(TEACHER):])
+      value = helpers.save_model(str(tmp_path / f'teacher{classes}'), classes=classes)
+    if key == 'teacher.checkpoint' and value == 'file':
+      value = str(tmp_path / 'teacher_file')
+      open(value, 'w').close()
     section, _, field = key.rpartition('.')
     target = config
     for part in filter(None, section.split('.')):
@@ -170,7 +218,10 @@ def _main(*args):
 
 
 @pytest.mark.parametrize('flag,pattern', [
-    ('--config.fsp.wieghts=(1.0,)', r'fsp.wieghts'),
+    ('--config.fsp.wieghts=(1.0,)', r"flag --config.fsp.wieghts: the config has no key "
+     r"'fsp.wieghts'; did you mean 'weight'\?"),
+    ('--config.fspp.weight=1', r"flag --config.fspp.weight: the config has no key "
+     r"'fspp.weight'; did you mean 'fsp'\?"),
     ('--config.seed=abc', r'config.seed'),
 ])
 def test_bad_flag_is_one_short_message(flag, pattern, tmp_path):
@@ -189,3 +240,29 @@ def test_unknown_variant_is_named_with_the_known_ones(tmp_path):
                    process.stderr), process.stderr
   assert 'Traceback' not in process.stderr and len(process.stderr.splitlines()) <= 6, \
       process.stderr
+
+
+def test_the_compilation_listener_sees_a_compilation():
+  """The positive control of 'nothing compiled' above: a new jitted function is seen."""
+  COMPILATIONS.clear()
+  jax.jit(lambda x: x * 3.0 + 1.0)(jax.numpy.arange(7.0)).block_until_ready()
+  assert COMPILATIONS
+
+
+@pytest.mark.parametrize('text,pattern', [
+    ('def get_config(:\n  pass\n', r'bad\.py, line 1: SyntaxError: '),
+    ('import no_such_module_here\n', r'bad\.py, line 1: ModuleNotFoundError: No module named '
+     "'no_such_module_here'"),
+    ('def get_config():\n  return {"methods": "fsp"}\n', r'bad\.py: get_config\(\) returned a '
+     'dict, expected an ml_collections.ConfigDict'),
+    ('CONFIG = 1\n', r'bad\.py: defines no get_config\(\)'),
+    ('def get_config():\n  return 1 / 0\n', r'bad\.py, line 2: ZeroDivisionError: '),
+])
+def test_config_file_that_fails_to_load_is_one_line(text, pattern, tmp_path):
+  path = tmp_path / 'bad.py'
+  path.write_text(text)
+  process = _main(f'--config={path}', f'--workdir={tmp_path / "run"}')
+  assert process.returncode == 2 and re.search(pattern, process.stderr), process.stderr
+  assert 'Traceback' not in process.stderr and len(process.stderr.splitlines()) == 2, \
+      process.stderr
+  assert not os.path.exists(tmp_path / 'run')

@@ -196,6 +196,23 @@ def test_hosts_read_disjoint_slices_that_cover_the_split():
   assert len(set(epoch)) == 8
 
 
+@pytest.mark.parametrize('augment', ['cifar', 'crop_flip'])
+def test_each_hosts_part_is_its_rows_of_the_global_batch_augmented_alike(augment):
+  """Four hosts' parts of a step, images and labels, put together are the one-host batch:
+  each example keeps its position's row of the step's draws. Mutation: every host taking the
+  first rows of the draws (a host-local draw) gives other crops on hosts 1..3."""
+  rng = np.random.default_rng(0)
+  source = sources.ArraySource(rng.integers(0, 256, (64, 12, 12, 3), np.uint8),
+                               rng.integers(0, 10, 64), 10)
+  preprocess = data.Preprocess(8, augment)
+  for step in (0, 5):
+    whole = next(data.train_batches(source, preprocess, 16, 7, step, 0, 1))
+    parts = [next(data.train_batches(source, preprocess, 16, 7, step, host, 4))
+             for host in range(4)]
+    for key in ('image', 'label', 'index'):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
 def test_same_seed_same_batches_and_resume():
   source = sources.digits_source('train')
   preprocess = data.Preprocess(32, 'cifar')

@@ -9,7 +9,9 @@ import numpy as np
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import experiment
+from fsp_jax import data, experiment, methods, sources, steps, trainer
+from fsp_jax.layout import Layout
+import helpers
 
 
 def _tiny_config(methods):
@@ -89,4 +91,46 @@ def test_adapter_pairs_different_widths(tmp_path):
   config.teacher.width = 2
   config.student.adapter = True
   rows = experiment.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert rows[-1]['method'] == 'fsp' and 0.0 <= rows[-1]['avg'] <= 1.0
+  assert rows[-1]['method'] == 'fsp'
+  helpers.assert_rows_are_their_nets_predictions(str(tmp_path / 'run'), rows)
+
+
+def test_cached_stage1_batches_bring_their_own_examples_teacher_matrices():
+  """Each example of a cached stage 1's batch comes with the teacher's matrices of that very
+  (un-augmented) image. Mutation: an index off by one into the cache gives another example's."""
+  config = _tiny_config('fsp')
+  config.fsp.cache = True
+  config.data.augment = 'cifar'  # The cached phase must still read un-augmented images.
+  source = sources.digits_source('train', config.data.image_size)
+  preprocess = data.get_preprocess(config.data)
+  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
+  variables = steps.replicate(steps.init_variables(teacher, jax.random.key(3), 16))
+  cache = experiment.teacher_fsp_cache(teacher, variables, source, preprocess, 120)
+  ctx = trainer.Context(config, Layout('/nonexistent'), source, source, preprocess, cache)
+  run = trainer.Run(methods.get('fsp'), 1, 'resnet8', teacher)
+  stage1 = methods.get('fsp').phases(config)[0]
+  inputs = jax.device_get(next(trainer.call_inputs(ctx, run, stage1, 0)))
+  images = {'image': inputs['image'][:, 0]}  # [devices, b, S, S, 3] of the call's one step.
+  direct = steps.make_fsp_step(teacher)(variables, images)
+  for cached, computed in zip(inputs['teacher_fsp'], direct):
+    np.testing.assert_allclose(cached[:, 0], computed, rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_stage1_with_augmentation_equals_uninterrupted(tmp_path):
+  """Stopped after stage 1's checkpoint at step 2 of 6, against a teacher, images augmented:
+  the resumed net ends exactly as the uninterrupted one. Mutation: a resumed phase reading its
+  batches from step 0 again (train_batches' start_step ignored)."""
+  config = _tiny_config('fsp')
+  config.data.augment = 'cifar'
+  config.fsp.stage1 = config_lib.schedule((1e-3,), (6,))
+  uninterrupted, interrupted = str(tmp_path / 'a'), str(tmp_path / 'b')
+  experiment.train_and_evaluate(config, uninterrupted)
+  shutil.copytree(uninterrupted, interrupted)
+  run_dir = os.path.join(interrupted, 'fsp', 'net1')
+  for path in ('result.json', 'model', 'stage2', 'fsp_matrices.npz', 'stage1/4', 'stage1/6'):
+    target = os.path.join(run_dir, path)
+    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+  experiment.train_and_evaluate(config, interrupted)
+  for a, b in zip(jax.tree_util.tree_leaves(_final_params(uninterrupted, 'fsp')),
+                  jax.tree_util.tree_leaves(_final_params(interrupted, 'fsp'))):
+    np.testing.assert_array_equal(a, b)

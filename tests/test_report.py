@@ -9,7 +9,8 @@ from PIL import Image
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import experiment, report, results
+from fsp_jax import experiment, results
+import report  # experiments/report.py (tests/conftest.py puts experiments/ on the path).
 
 
 def test_ensemble_accuracy_averages_probabilities():
@@ -36,9 +37,11 @@ def test_report_has_tables_beside_the_paper_and_plots(workdir, tmp_path):
     text = f.read()
   assert '| Method | Model | Net 1 | Net 2 | Avg | Ens | #Iter | Wall | Paper Avg |' in text
   assert '| FSP | resnet8 |' in text and '| 92.14 | 93.26 | 84k |' in text  # The paper's row.
-  assert '- FSP - Student alone: ' in text and '(paper: +1.50); per seed ' in text
-  assert re.search(r'\(mean [+-]\d+\.\d\d, sd \d+\.\d\d; higher in \d of 2\)', text)
-  assert '- Teacher - FSP: ' in text
+  assert re.search(r"- FSP > Student alone: \*\*(held|did not hold|within the seeds' spread)"
+                   r'\*\* \([+-]\d+\.\d\d points; paper \+1\.50\); per seed [+-]\d+\.\d\d, '
+                   r'[+-]\d+\.\d\d \(mean [+-]\d+\.\d\d \+- \d+\.\d\d, higher in \d of 2\); '
+                   r'#Iter 6 against 3', text), text
+  assert "- The teacher's lead (" in text and 'FSP ' in text
   for name in ('table1_accuracy.png', 'table1_fsp_loss.png', 'table1_fsp_matrices.png'):
     assert f'({name})' in text
     with Image.open(os.path.join(out, name)) as image:
@@ -57,6 +60,15 @@ def test_report_rejects_unknown_tables_and_unfinished_workdirs(workdir, tmp_path
   for item in (f'table9={workdir}', f'table1={tmp_path}'):
     with pytest.raises(SystemExit):
       report.main(['--out', str(tmp_path / 'r'), item])
+
+
+@pytest.mark.parametrize('differences,expected', [
+    ([3.1, 3.4, 2.7], 'held'), ([-1.0, -1.2, -0.9], 'did not hold'),
+    ([0.5, -0.2, 0.4], "within the seeds' spread"),
+    ([0.1, 3.0, 0.1], "within the seeds' spread"),  # Every seed agrees, the mean < 2 se.
+])
+def test_verdict_needs_every_seed_and_twice_the_standard_error(differences, expected):
+  assert report.verdict(differences) == expected
 
 
 def test_table_row_gives_one_nets_iterations_and_all_nets_wall_time():

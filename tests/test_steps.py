@@ -7,7 +7,9 @@ import pytest
 
 from fsp_jax import config as config_lib
 from fsp_jax import data, experiment, models, sources, steps
-from fsp_jax.methods import Phase, Schedule, Student, Term
+from fsp_jax.adapters import Student
+from fsp_jax.schedules import Schedule
+from fsp_jax.terms import Phase, Term
 
 IMAGE_SIZE = 16
 
@@ -24,6 +26,11 @@ def batch():
 
 def _student(name):
   return Student(models.get(name, 10, axis_name='batch'))
+
+
+def _one_step(batch):
+  """A call's inputs holding one step: [devices, 1, b, ...]."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[:, None], batch)
 
 
 def _on_devices(tree, devices):
@@ -64,8 +71,8 @@ def test_stage1_halves_the_fsp_loss(batch):
   shards, teacher_variables = data.shard(batch, 1), _on_devices(teacher_variables, 1)
   history = []
   for _ in range(20):
-    state, metrics = step(state, shards, teacher_variables)
-    history.append(float(metrics['fsp'][0]))
+    state, metrics = step(state, _one_step(shards), teacher_variables, None)
+    history.append(float(metrics['fsp'][0, 0]))
   assert np.all(np.isfinite(history))
   assert history[-1] < 0.5 * history[0], history
 
@@ -86,8 +93,8 @@ def test_cached_teacher_matrices_give_the_same_step(batch):
                         {'teacher_fsp': [g[indices] for g in cache]})):
     tx, state = _state(student, phase)
     step = steps.make_train_step(student, teacher, phase, tx)
-    state, _ = step(state, data.shard({**batch, **extra}, 1),
-                    _on_devices(teacher_variables, 1))
+    state, _ = step(state, _one_step(data.shard({**batch, **extra}, 1)),
+                    _on_devices(teacher_variables, 1), None)
     new_params.append(state.params)
   chex.assert_trees_all_close(*new_params, rtol=1e-5, atol=1e-6)
 
@@ -99,10 +106,10 @@ def test_task_step_lowers_the_loss(batch):
   shards = data.shard(batch, 1)
   losses = []
   for _ in range(2):  # The loss reported by step k is measured before its update.
-    state, metrics = step(state, shards, None)
-    losses.append(float(metrics['ce'][0]))
+    state, metrics = step(state, _one_step(shards), None, None)
+    losses.append(float(metrics['ce'][0, 0]))
   assert losses[1] < losses[0]
-  assert float(metrics['lr'][0]) == np.float32(0.1)
+  assert float(metrics['lr'][0, 0]) == np.float32(0.1)
 
 
 @pytest.mark.parametrize('term,lr', [('ce', 0.1), ('fsp', 1e-3)])  # The paper's rates.
@@ -115,8 +122,8 @@ def test_four_devices_equal_one(batch, term, lr):
   host_state = jax.tree_util.tree_map(lambda x: x[0], state)
   results = []
   for devices in (1, 4):
-    new_state, _ = step(_on_devices(host_state, devices), data.shard(batch, devices),
-                        _on_devices(teacher_variables, devices))
+    new_state, _ = step(_on_devices(host_state, devices), _one_step(data.shard(batch, devices)),
+                        _on_devices(teacher_variables, devices), None)
     results.append(jax.device_get(jax.tree_util.tree_map(lambda x: x[0], new_state)))
   for kind in ('params', 'batch_stats'):
     for one, four in zip(jax.tree_util.tree_leaves(getattr(results[0], kind)),

@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +13,8 @@ import pytest
 from configs import common
 from fsp_jax import config as config_lib
 from fsp_jax import experiment, workdir
+from fsp_jax.layout import Layout
+import helpers
 
 
 def _config(**changes):
@@ -54,7 +58,7 @@ def test_config_changes_ignore_reporting_keys():
 def test_a_second_writer_fails_naming_the_holder(tmp_path):
   holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
   try:
-    with open(tmp_path / workdir.LOCK, 'w') as f:
+    with open(Layout(str(tmp_path)).lock, 'w') as f:
       json.dump({'pid': holder.pid, 'host': os.uname().nodename, 'since': 'now'}, f)
     with pytest.raises(RuntimeError, match=f'in use by process {holder.pid} on '):
       experiment.train_and_evaluate(_config(), str(tmp_path))
@@ -64,17 +68,17 @@ def test_a_second_writer_fails_naming_the_holder(tmp_path):
     holder.wait()
   # Its process is gone: the lock is stale and taken over.
   rows = experiment.train_and_evaluate(_config(), str(tmp_path))
-  assert rows[0]['method'] == 'scratch' and not os.path.exists(tmp_path / workdir.LOCK)
+  assert rows[0]['method'] == 'scratch' and not os.path.exists(Layout(str(tmp_path)).lock)
 
 
 def test_lock_is_held_while_running_and_released(tmp_path):
   with workdir.lock(str(tmp_path)):
-    with open(tmp_path / workdir.LOCK) as f:
+    with open(Layout(str(tmp_path)).lock) as f:
       assert json.load(f)['pid'] == os.getpid()
     with pytest.raises(RuntimeError, match='in use by process'):
       with workdir.lock(str(tmp_path)):
         pass
-  assert not os.path.exists(tmp_path / workdir.LOCK)
+  assert not os.path.exists(Layout(str(tmp_path)).lock)
 
 
 def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
@@ -91,3 +95,88 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
   monkeypatch.setattr('builtins.open', read_only)
   with pytest.raises(ValueError, match='Read-only file system'):
     workdir.create(str(tmp_path / 'new'))
+
+
+def test_a_run_that_failed_on_its_inputs_leaves_a_workdir_the_corrected_command_can_use(tmp_path):
+  """A teacher checkpoint of other classes fails before config.json is written; the same
+  command with the right checkpoint then runs in that workdir."""
+  config = _config(methods='fsp')
+  config.teacher.checkpoint = helpers.save_model(str(tmp_path / 'teacher5'), classes=5)
+  run = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match=r'config.teacher.checkpoint: .* its classifier has 5 '
+                     r'classes where the model has 10'):
+    experiment.train_and_evaluate(config, run)
+  assert not os.path.exists(Layout(run).config)
+  config.teacher.checkpoint = helpers.save_model(str(tmp_path / 'teacher10'), classes=10)
+  rows = experiment.train_and_evaluate(config, run)
+  assert [row['method'] for row in rows] == ['teacher', 'fsp']
+
+
+def test_allow_config_change_keeps_finished_nets_and_restarts_the_others(tmp_path, capsys):
+  """Net 1 finished with ResNet-8s is kept, and its row marked, under another student model;
+  net 2, stopped with ResNet-8 checkpoints, is moved aside and trained anew as a ResNet-14,
+  never called corrupt. Mutation: resuming net 2 from its old checkpoints (no settings check)
+  reports them unreadable."""
+  layout = Layout(str(tmp_path))
+  experiment.train_and_evaluate(_config(num_nets=2), str(tmp_path))
+  net2 = layout.net('scratch', 2)
+  os.remove(net2.result)  # As if stopped after its last checkpoint.
+  finished = json.load(open(layout.net('scratch', 1).result))
+  changed = _config(num_nets=2)
+  changed.student.model = 'resnet14'
+  capsys.readouterr()
+  rows = experiment.train_and_evaluate(changed, str(tmp_path), allow_config_change=True)
+  output = capsys.readouterr().out
+  assert json.load(open(layout.net('scratch', 1).result)) == finished
+  assert re.search(r'\[scratch net2\] its checkpoints were made with other settings '
+                   r'\(network.model\): moved to .*net2.replaced-\d+-\d+; this net starts anew',
+                   output), output
+  assert 'unreadable' not in output and 'corrupt' not in output
+  assert json.load(open(net2.result))['model'] == 'resnet14'
+  assert [name for name in os.listdir(tmp_path / 'scratch') if '.replaced-' in name]
+  assert rows[0]['other_settings']
+  with open(layout.results_md) as f:
+    assert '| scratch * |' in f.read()
+
+
+def test_a_shorter_schedule_under_allow_config_change_restarts_the_unfinished_net(tmp_path,
+                                                                                   capsys):
+  """A net stopped at step 4 of 6 whose schedule becomes 3 steps trains its 3 anew (it
+  reported 'resumed from step 4' and 4 iterations before). Mutation: no settings check."""
+  layout = Layout(str(tmp_path))
+  experiment.train_and_evaluate(_config(scratch=config_lib.schedule((0.1,), (6,)),
+                                        checkpoint_every=2), str(tmp_path))
+  net = layout.net('scratch', 1)
+  os.remove(net.result)
+  shutil.rmtree(net.phase('train') + '/6')
+  capsys.readouterr()
+  rows = experiment.train_and_evaluate(_config(scratch=config_lib.schedule((0.1,), (3,))),
+                                       str(tmp_path), allow_config_change=True)
+  output = capsys.readouterr().out
+  assert 'this net starts anew' in output and 'resumed from step' not in output, output
+  assert rows[0]['iterations'] == 3 and not rows[0]['other_settings']
+
+
+def test_unreadable_lock_is_taken_over_saying_so(tmp_path, capsys):
+  for content in ('', '{"pid": ', 'garbage'):
+    with open(Layout(str(tmp_path)).lock, 'w') as f:
+      f.write(content)
+    with workdir.lock(str(tmp_path)):
+      pass
+    assert 'it cannot be read, so no run holds it' in capsys.readouterr().out
+  assert not os.path.exists(Layout(str(tmp_path)).lock)
+
+
+@pytest.mark.parametrize('name,what', [
+    ('config.json', 'the settings this workdir was run with'),
+    ('scratch/net1/result.json', "a finished net's result"),
+    ('scratch/net1/test_probs.npy', "scratch net1's test probabilities"),
+])
+def test_a_broken_file_read_back_names_itself(name, what, tmp_path):
+  experiment.train_and_evaluate(_config(), str(tmp_path))
+  path = tmp_path / name
+  path.write_bytes(path.read_bytes()[:10])  # Cut short.
+  with pytest.raises(ValueError) as error:
+    experiment.train_and_evaluate(_config(), str(tmp_path))
+  assert str(error.value).startswith(f'{path} ({what}) cannot be read: ')
+  assert 'Delete it and run the same command again' in str(error.value)

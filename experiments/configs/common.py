@@ -35,18 +35,32 @@ def scale_steps(config: ml_collections.ConfigDict, factor: float) -> ml_collecti
 
 # The CPU-scale teacher (teacher_cifar10.py, committed in results/teacher_cifar10): ResNet-26
 # at batch 32, a warm-up then a cosine decay from 0.025 (the paper's 0.1 at batch 128, scaled
-# linearly), weight decay 5e-4; TEACHER_STEPS are its first cycle's (two more took it from
-# 85.81% to 88.39%, 75,000 iterations in all).
+# linearly), weight decay 5e-4; TEACHER_STEPS are its first cycle's.
 TEACHER = 'results/teacher_cifar10/model'
 BATCH, PEAK_LR, WEIGHT_DECAY, TEACHER_STEPS, WARMUP = 32, 0.025, 5e-4, 25_000, 500
+
+
+def task_schedules(config: ml_collections.ConfigDict, task: int, warmup: int) -> None:
+  """Every method's task stage: `task` iterations, a warm-up over `warmup` to PEAK_LR, then a
+  cosine decay to 0. FSP's stage 1 runs a third of it at the paper's rates (1e-3 / 1e-4 /
+  1e-5, dropping at 11/21 and 16/21 of it), FitNet's hint stage 35/21 of that (the paper's
+  ratio) at its 1e-4 / 1e-5 (dropping at 25/35)."""
+  for key in ('scratch', 'fsp.stage2', 'fitnet.stage2', 'kd.schedule', 'at.schedule'):
+    section, _, name = key.rpartition('.')
+    (config[section] if section else config)[name] = schedules.schedule(
+        (PEAK_LR,), (task,), warmup=warmup, decay='cosine')
+  stage1 = task // 3
+  config.fsp.stage1 = schedules.schedule((1e-3, 1e-4, 1e-5), (
+      stage1 * 11 // 21, stage1 * 16 // 21, stage1))
+  hint = stage1 * 35 // 21
+  config.fitnet.stage1 = schedules.schedule((1e-4, 1e-5), (hint * 25 // 35, hint))
 
 
 def cifar10_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """CIFAR-10 on 2 CPU cores, against the committed teacher: the JPEG folder in ../shared/data,
   the teacher's batch and recipe, and a third of its first cycle's iterations for every
-  student's task stage (the paper's students get a third of its teachers' 64k). FSP's stage 1
-  runs a third of the task stage at the paper's rates (1e-3 / 1e-4 / 1e-5, dropping at 11/21
-  and 16/21 of it); FitNet's hint stage 35/21 of that (the paper's ratio) at its 1e-4 / 1e-5."""
+  student's task stage (the paper's students get a third of its teachers' 64k), with the
+  stages before it of `task_schedules`."""
   config.data.name = 'folder'
   config.data.root = CIFAR10
   config.batch_size = BATCH
@@ -55,15 +69,7 @@ def cifar10_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.teacher.checkpoint = TEACHER
   config.teacher.num_nets = 1
   task = TEACHER_STEPS // 3
-  for key in ('scratch', 'fsp.stage2', 'fitnet.stage2', 'kd.schedule', 'at.schedule'):
-    section, _, name = key.rpartition('.')
-    (config[section] if section else config)[name] = schedules.schedule(
-        (PEAK_LR,), (task,), warmup=WARMUP // 3, decay='cosine')
-  stage1 = task // 3
-  config.fsp.stage1 = schedules.schedule((1e-3, 1e-4, 1e-5), (
-      stage1 * 11 // 21, stage1 * 16 // 21, stage1))
-  hint = stage1 * 35 // 21
-  config.fitnet.stage1 = schedules.schedule((1e-4, 1e-5), (hint * 25 // 35, hint))
+  task_schedules(config, task, WARMUP // 3)
   config.eval_every = task // 4
   config.log_every = 100
   config.checkpoint_every = 1000

@@ -1,22 +1,15 @@
-r"""A converged ResNet-26 teacher on the real CIFAR-10 at CPU scale (the teacher of the CPU
-Tables 1 and 3): the teacher alone, no students.
+r"""The CPU-scale teacher of Tables 1 and 3: ResNet-26 alone on the real CIFAR-10, in three
+cosine cycles (the committed model is the third's: results/teacher_cifar10/, whose README
+gives each cycle's accuracy and time).
 
 The paper's teacher trains 64k iterations at batch 128 (164 epochs). On 2 CPU cores ResNet-26
-trains fastest at batch 32 (about 100 images/s, against about 60 at 128), so this one runs
-25,000 iterations at batch 32 (16 epochs): a linear warm-up over 500 iterations to 0.025 (the
-paper's 0.1 scaled linearly to batch 32), then a cosine decay to 0, weight decay 5e-4 (the
-usual value for short CIFAR schedules; the paper's 1e-4 is for 164 epochs), the paper's
-augmentation (pad 4, random crop, flip): 85.81% (results/teacher_cifar10/cycle1). Then a warm
-restart (SGDR, Loshchilov & Hutter 2017), the `restart` variant: the same network fine-tuned
-from that checkpoint, head included, for 12,500 iterations (8 epochs), a warm-up over 250 to
-0.01 and a cosine decay to 0: 86.44% (results/teacher_cifar10/cycle2; 101 min on Python 3.12).
-Both fall short of the 88% aimed at; the `cycle3` variant trains a third, longer cycle from
-that model (37,500 iterations, 24 epochs, warm-up 500 to 0.025, cosine): 88.39%
-(results/teacher_cifar10/model, the teacher of the CPU tables). On Python 3.12 it trains at
-145-155 images/s when alone on the 2 cores (2.2 h for the cycle); it ran 5.7 h in four
-processes over three sessions, resumed from checkpoints, at times paused or sharing the cores
-(its results.md's 13.5 min is the last process's: the run began at a6b3817, before wall times
-counted resumed processes).
+trains fastest at batch 32, so the first cycle runs 25,000 iterations at batch 32 (16 epochs):
+a linear warm-up over 500 iterations to 0.025 (the paper's 0.1 scaled linearly to batch 32),
+a cosine decay to 0, weight decay 5e-4 (the usual value for short CIFAR schedules; the paper's
+1e-4 is for 164 epochs) and the paper's augmentation (pad 4, random crop, flip). `restart` is a
+warm restart (SGDR, Loshchilov & Hutter 2017) from the first cycle's model, head included:
+12,500 iterations, a warm-up over 250 to 0.01, cosine; `cycle3` a third, longer cycle from the
+second's model: 37,500 iterations (24 epochs), a warm-up over 500 to 0.025, cosine.
 
   python experiments/main.py --config=experiments/configs/teacher_cifar10.py \
       --workdir=runs/teacher_cifar10

@@ -70,16 +70,9 @@ def _cpu(config):
   config.teacher.checkpoint = common.TEACHER
   config.teacher.num_classes = 10  # CIFAR-10's: the target's birds have no logits there.
   config.student.model = 'resnet14'
-  task = config_lib.schedule((common.PEAK_LR,), (TASK_STEPS,), warmup=TASK_STEPS // 50,
-                             decay='cosine')
-  config.scratch = config.fsp.stage2 = config.fitnet.stage2 = task
+  common.task_schedules(config, TASK_STEPS, TASK_STEPS // 50)
   config.finetune = config_lib.schedule((common.PEAK_LR / 10,), (TASK_STEPS,),
                                         warmup=TASK_STEPS // 50, decay='cosine')
-  stage1 = TASK_STEPS // 3
-  config.fsp.stage1 = config_lib.schedule((1e-3, 1e-4, 1e-5), (
-      stage1 * 11 // 21, stage1 * 16 // 21, stage1))
-  hint = stage1 * 35 // 21
-  config.fitnet.stage1 = config_lib.schedule((1e-4, 1e-5), (hint * 25 // 35, hint))
   config.eval_every = TASK_STEPS // 10
   config.log_every = 100
   config.checkpoint_every = 1000

@@ -1,0 +1,122 @@
+"""Training data held on the accelerators: each step's batch gathered and augmented there.
+
+For a training split that fits in device memory (CIFAR-10 as uint8 is 150 MB), `place` resizes
+every image once to its working size (`data.Preprocess.resized`) and copies the split to every
+local device. A step's batch is then gathered on the device from the example indices of
+`data.train_indices`, the host pipeline's (seed, step) order, and augmented there with the
+same augmentation: pad 4 and a random crop, or a random crop of the resized image, and a random
+flip, each example's choices drawn from a jax.random key folded from (seed, step, example).
+The host's work per call is a slice of the epoch's permutation, which it caches.
+
+Every local device holds the whole split, so that it can gather any example of a global batch
+without communicating; a split that does not fit stays on the host (`data.train_batches`).
+"""
+
+from typing import NamedTuple
+
+from flax import jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fsp_jax import data
+
+
+class Placed(NamedTuple):
+  """A split on every local device: images [devices, N, H, W, 3] uint8, labels [devices, N]
+  int32, and where cached, the teacher's FSP matrices [devices, N, M, N'] per stage."""
+  images: jax.Array
+  labels: jax.Array
+  teacher_fsp: tuple | None = None
+
+
+def stored_images(source, preprocess: data.Preprocess) -> tuple[np.ndarray, np.ndarray]:
+  """Every example of source at its working size: images [N, H, W, 3] uint8, labels [N].
+
+  Raises ValueError where the resized images differ in shape (a 'crop_flip' split of several
+  aspect ratios), which a device array cannot hold.
+  """
+  images, labels = [], []
+  for i in range(len(source)):
+    image, label = source[i]
+    images.append(preprocess.resized(image))
+    labels.append(label)
+  shapes = sorted({image.shape for image in images})
+  if len(shapes) > 1:
+    raise ValueError(f'config.data.on_device: the training images are of {len(shapes)} shapes '
+                     f'at their working size (for example {shapes[0]} and {shapes[-1]}); a '
+                     'device array holds one. Leave on_device False for this data set.')
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
+def place(images: np.ndarray, labels: np.ndarray, teacher_fsp: tuple | None = None) -> Placed:
+  """The training split (`stored_images`) and the teacher's cached matrices, copied to every
+  local device."""
+  return Placed(*jax_utils.replicate((images, labels, teacher_fsp)))
+
+
+def calls(num_examples: int, global_batch: int, seed: int, start: int, end: int,
+          steps_per_call: int):
+  """The inputs of each call of steps start .. end - 1, `steps_per_call` steps a call: this
+  host's {'indices': [devices, steps, b], 'step': [devices, steps], 'seed': [devices]}."""
+  devices, k = jax.local_device_count(), steps_per_call
+  part = data.host_slice(global_batch, jax.process_index(), jax.process_count())
+  for first in range(start, end, k):
+    yield {'indices': call_indices(num_examples, global_batch, seed, first, k, part, devices),
+           'step': np.broadcast_to(np.arange(first, first + k, dtype=np.int32), (devices, k)),
+           'seed': np.full(devices, seed, np.int32)}
+
+
+def call_indices(num_examples: int, global_batch: int, seed: int, first_step: int,
+                 num_steps: int, part: slice, num_devices: int) -> np.ndarray:
+  """The example indices [devices, steps, b] of this host's part of steps first_step ..
+  first_step + num_steps - 1: the host pipeline's order (`data.train_indices`)."""
+  indices = np.stack([data.train_indices(num_examples, global_batch, seed, step)[part]
+                      for step in range(first_step, first_step + num_steps)])
+  return indices.reshape(num_steps, num_devices, -1).transpose(1, 0, 2).astype(np.int32)
+
+
+def augment(preprocess: data.Preprocess, images: jnp.ndarray, keys: jax.Array,
+            random: bool = True) -> jnp.ndarray:
+  """`data.Preprocess` on the device: images [b, H, W, 3] uint8 at their working size -> float32
+  [b, S, S, 3], normalised; each example's crop and flip drawn from its key [b] where random,
+  else the centre crop and no flip (as the host does without draws)."""
+  size, augment_name = preprocess.image_size, preprocess.augment
+  if augment_name == 'cifar' and random:
+    images = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+  height, width = images.shape[1:3]
+
+  def one(image, key):
+    crop_key, flip_key = jax.random.split(key)
+    if random and augment_name != 'none':
+      top, left = (jax.random.randint(k, (), 0, room + 1)
+                   for k, room in zip(jax.random.split(crop_key), (height - size, width - size)))
+    else:
+      top, left = (height - size) // 2, (width - size) // 2
+    crop = jax.lax.dynamic_slice(image, (top, left, 0), (size, size, 3))
+    if random and augment_name != 'none':
+      crop = jnp.where(jax.random.bernoulli(flip_key), crop[:, ::-1], crop)
+    return crop
+
+  batch = jax.vmap(one)(images, keys).astype(jnp.float32)
+  return (batch - jnp.asarray(preprocess.mean, jnp.float32)) / jnp.asarray(preprocess.std,
+                                                                             jnp.float32)
+
+
+def example_keys(seed: int, step, indices: jnp.ndarray) -> jax.Array:
+  """A key per example [b] of a step: folded from (seed, step, the example's index)."""
+  step_key = jax.random.fold_in(jax.random.key(seed), step)
+  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(indices)
+
+
+def gather(placed: Placed, preprocess: data.Preprocess, seed: int, step, indices: jnp.ndarray,
+           random: bool = True) -> dict:
+  """One device's part of a step's batch: {'image' [b, S, S, 3], 'label' [b]} (and
+  'teacher_fsp' where cached) of the examples at indices [b]; placed holds one device's
+  arrays (inside pmap)."""
+  keys = example_keys(seed, step, indices)
+  batch = {'image': augment(preprocess, placed.images[indices], keys, random),
+           'label': placed.labels[indices]}
+  if placed.teacher_fsp is not None:
+    batch['teacher_fsp'] = [g[indices] for g in placed.teacher_fsp]
+  return batch

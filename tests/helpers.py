@@ -1,0 +1,33 @@
+"""What several test modules share: saved models, checks of finished workdirs."""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fsp_jax import models
+from fsp_jax.layout import Layout
+
+
+def save_model(path: str, name: str = 'resnet8', classes: int = 10, width: int = 1) -> str:
+  """A freshly initialised network's {'params', 'batch_stats'}, saved as a finished run saves
+  its model/ (a teacher checkpoint); returns path."""
+  model = models.get(name, classes, width)
+  variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, variables)
+  return path
+
+
+def assert_rows_are_their_nets_predictions(workdir: str, rows: list[dict]) -> None:
+  """Every trained row's accuracies are those of its nets' saved test probabilities against
+  the test labels."""
+  layout = Layout(workdir)
+  labels = np.load(layout.test_labels)
+  for row in rows:
+    nets = layout.finished_nets(row['method'])
+    if not nets:  # A teacher loaded from a checkpoint.
+      continue
+    accuracies = [float(np.mean(np.argmax(np.load(net.test_probs), -1) == labels))
+                  for net in nets]
+    np.testing.assert_allclose(row['nets'], accuracies, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(row['avg'], np.mean(accuracies), rtol=0, atol=1e-12)

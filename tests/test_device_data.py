@@ -1,0 +1,150 @@
+"""Training data on the devices, and several steps per call: the same batches, the same
+augmentation's distribution, exact resume, and runs equal whatever steps_per_call."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import common
+from fsp_jax import config as config_lib
+from fsp_jax import data, device_data, experiment, sources
+
+SIZE = 8
+
+
+def _position_images(count: int, size: int) -> np.ndarray:
+  """Images [count, size, size, 3] whose pixel (y, x) holds 1 + y * size + x: a crop and flip
+  can be read back from any pixel."""
+  grid = 1 + np.arange(size * size, dtype=np.uint8).reshape(size, size)
+  return np.repeat(np.broadcast_to(grid, (count, size, size))[..., None], 3, -1).copy()
+
+
+def _read_crop(crop: np.ndarray, size: int) -> tuple[int, int, bool]:
+  """(top, left, flipped) of a crop [S, S] of a position image padded by `pad`: read from
+  its first row holding two image pixels side by side (the offsets relative to the image)."""
+  for i, row in enumerate(crop):
+    inside = np.nonzero(row)[0]
+    if len(inside) >= 2:
+      j, value = inside[0], int(row[inside[0]]) - 1
+      flipped = row[inside[1]] < row[inside[0]]
+      y, x = divmod(value, size)
+      column = crop.shape[1] - 1 - j if flipped else j
+      return y - i, x - column, bool(flipped)
+  raise AssertionError('no two image pixels in a row of the crop')
+
+
+def _offsets(augment: str, pipeline: str, steps: int = 60, batch: int = 32):
+  """The (top, left, flipped) of every training example of `steps` steps, by pipeline."""
+  images = _position_images(64, SIZE)
+  source = sources.ArraySource(images, np.zeros(64, np.int32), 2)
+  size = SIZE if augment == 'cifar' else 6  # 'crop_flip' crops 6 of round(6 * 8 / 7) = 7.
+  if augment == 'crop_flip':  # Its stored images are the position images, shorter side 7.
+    source = sources.ArraySource(_position_images(64, 7), np.zeros(64, np.int32), 2)
+  preprocess = data.Preprocess(size, augment, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+  stored = 7 if augment == 'crop_flip' else SIZE
+  found = []
+  if pipeline == 'host':
+    for step_batch in data.train_batches(source, preprocess, batch, seed=3, num_steps=steps,
+                                         process_index=0, process_count=1):
+      found += [_read_crop(np.rint(x[..., 0]).astype(int), stored) for x in step_batch['image']]
+  else:
+    placed = device_data.Placed(*map(jnp.asarray, device_data.stored_images(source, preprocess)))
+    gather = jax.jit(lambda i, step: device_data.gather(placed, preprocess, 3, step, i)['image'])
+    for step in range(steps):
+      indices = data.train_indices(len(source), batch, 3, step)
+      found += [_read_crop(np.rint(x[..., 0]).astype(int), stored)
+                for x in np.asarray(gather(jnp.asarray(indices), step))]
+  return np.array(found)
+
+
+@pytest.mark.parametrize('augment,room', [('cifar', 8), ('crop_flip', 1)])
+def test_device_augmentation_has_the_host_pipelines_distribution(augment, room):
+  """Crops and flips read back from 1,920 examples of each pipeline: every offset (0..room,
+  padded by 4 for 'cifar') and both flips occur, each as often in one pipeline as in the other
+  within sampling error (a chi-square test of homogeneity per choice, far from its 0.1%
+  critical value)."""
+  host, device = _offsets(augment, 'host'), _offsets(augment, 'device')
+  shift = 4 if augment == 'cifar' else 0
+  for column, values in ((0, range(-shift, room - shift + 1)), (1, range(-shift, room - shift + 1)),
+                         (2, (False, True))):
+    counts = np.array([[np.sum(sample[:, column] == v) for v in values]
+                       for sample in (host, device)])
+    assert counts.min() > 0, (column, counts)  # Every choice occurs in both.
+    expected = counts.sum(0) / 2
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    critical = {1: 10.8, 8: 26.1}[len(values) - 1]  # Chi-square 0.1% points.
+    assert chi2 < critical, (column, counts, chi2)
+
+
+def test_device_batches_are_a_pure_function_of_seed_and_step():
+  """The same (seed, step, indices) give the same batch, in another jit and after other steps;
+  another step gives other crops of the same examples (the host pipeline's order)."""
+  source = sources.digits_source('train', 16)
+  preprocess = data.Preprocess(16, 'cifar')
+  placed = device_data.Placed(*map(jnp.asarray, device_data.stored_images(source, preprocess)))
+  indices = data.train_indices(len(source), 16, 5, 7)
+  first = jax.jit(lambda i: device_data.gather(placed, preprocess, 5, 7, i))(indices)
+  jax.jit(lambda i: device_data.gather(placed, preprocess, 5, 8, i))(indices)
+  again = jax.jit(lambda i, s: device_data.gather(placed, preprocess, 5, s, i))(indices, 7)
+  np.testing.assert_array_equal(first['image'], again['image'])
+  np.testing.assert_array_equal(first['label'], source.labels[indices])
+  other = device_data.gather(placed, preprocess, 5, 9, jnp.asarray(indices))
+  assert not np.array_equal(other['image'], first['image'])
+  calls = device_data.call_indices(len(source), 16, 5, 6, 3, slice(0, 16), 4)
+  assert calls.shape == (4, 3, 4)
+  np.testing.assert_array_equal(calls[:, 1].reshape(-1), indices)
+
+
+def _tiny(**changes):
+  config = common.tiny(config_lib.default())
+  config.methods, config.num_nets = 'scratch', 1
+  config.student.model = 'resnet8'
+  config.data.augment = 'cifar'  # Random crops and flips, on whichever pipeline.
+  config.scratch = config_lib.schedule((0.05, 0.005), (8, 16))
+  config.log_every, config.checkpoint_every = 4, 4
+  for key, value in changes.items():
+    section, _, name = key.rpartition('.')
+    (config[section] if section else config)[name] = value
+  return config
+
+
+def _model(workdir):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return jax.tree_util.tree_leaves(checkpointer.restore(
+        os.path.abspath(os.path.join(workdir, 'scratch', 'net1', 'model'))))
+
+
+@pytest.mark.parametrize('on_device', [False, True])
+def test_eight_steps_per_call_equal_one(on_device, tmp_path):
+  """Every steps_per_call runs the same compiled step (a lax.scan, of one step too), so that
+  the final parameters are bit-identical."""
+  results = []
+  for k in (1, 8):
+    workdir = str(tmp_path / f'k{k}')
+    config = _tiny(**{'steps_per_call': k, 'data.on_device': on_device, 'log_every': 8,
+                      'checkpoint_every': 8})
+    experiment.train_and_evaluate(config, workdir)
+    results.append(_model(workdir))
+  for a, b in zip(*results):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resumed_run_with_data_on_device_and_calls_of_four_equals_uninterrupted(tmp_path):
+  """Stopped after its checkpoint at step 8 (of 16), as a kill would leave it."""
+  config = _tiny(**{'steps_per_call': 4, 'data.on_device': True})
+  whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
+  experiment.train_and_evaluate(config, whole)
+  shutil.copytree(whole, resumed)
+  net = os.path.join(resumed, 'scratch', 'net1')
+  for name in ('result.json', 'model', os.path.join('train', '12'), os.path.join('train', '16')):
+    path = os.path.join(net, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  assert sorted(os.listdir(os.path.join(net, 'train'))) == ['8']
+  experiment.train_and_evaluate(config, resumed)
+  for a, b in zip(_model(whole), _model(resumed)):
+    np.testing.assert_array_equal(a, b)
