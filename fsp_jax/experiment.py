@@ -126,6 +126,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with workdir_lib.lock(workdir):
     workdir_lib.bind_config(workdir, config, allow_config_change)
     trainer.install_preemption_handler()
+    if config.steps_per_call > 1 and jax.default_backend() == 'cpu':
+      logs.say(f'Note: config.steps_per_call={config.steps_per_call} runs the steps of a call in '
+               'a loop, whose convolution gradients XLA:CPU runs about 20x slower '
+               '(jax-ml/jax#12868); it is meant for GPUs and TPUs.')
     ctx = trainer.Context(config, layout, train_source, eval_source,
                           data.get_preprocess(config.data))
     rows = []

@@ -158,8 +158,12 @@ def make_train_step(student: Student, teacher: Student | None, phase: Phase,
     if on_device is not None:
       seeds = jnp.broadcast_to(inputs['seed'], inputs['step'].shape)
       inputs = (inputs['indices'], inputs['step'], seeds)
-    # A scan even of one step: every steps_per_call runs the same compiled loop body, so that
-    # runs with different steps_per_call give bit-identical results.
+    if jax.tree_util.tree_leaves(inputs)[0].shape[0] == 1:
+      # One step, no loop: XLA:CPU runs convolution gradients inside a loop body about 20x
+      # slower (jax-ml/jax#12868), and a CPU run has no host time to save.
+      state, metrics = one_step(state, jax.tree_util.tree_map(lambda x: x[0], inputs),
+                                teacher_variables, placed)
+      return state, jax.tree_util.tree_map(lambda m: m[None], metrics)
     return lax.scan(lambda s, xs: one_step(s, xs, teacher_variables, placed), state, inputs)
 
   return jax.pmap(call, axis_name='batch', donate_argnums=(0,))

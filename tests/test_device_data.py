@@ -120,18 +120,21 @@ def _model(workdir):
 
 
 @pytest.mark.parametrize('on_device', [False, True])
-def test_eight_steps_per_call_equal_one(on_device, tmp_path):
-  """Every steps_per_call runs the same compiled step (a lax.scan, of one step too), so that
-  the final parameters are bit-identical."""
-  results = []
-  for k in (1, 8):
+def test_eight_steps_per_call_equal_two_exactly_and_one_to_float_tolerance(on_device, tmp_path):
+  """Calls of 2 and 8 steps run the same compiled loop body: bit-identical parameters after 16
+  steps. One step a call runs no loop (XLA:CPU is slow in loops) and so sums in another float32
+  order: measured 2e-6 (data on the device) and 3.5e-3 (host pipeline) of a parameter's
+  largest entry, at lr 0.05 with batch norm over 4 examples per device."""
+  results = {}
+  for k in (1, 2, 8):
     workdir = str(tmp_path / f'k{k}')
     config = _tiny(**{'steps_per_call': k, 'data.on_device': on_device, 'log_every': 8,
                       'checkpoint_every': 8})
     experiment.train_and_evaluate(config, workdir)
-    results.append(_model(workdir))
-  for a, b in zip(*results):
-    np.testing.assert_array_equal(a, b)
+    results[k] = _model(workdir)
+  for a, b, c in zip(results[1], results[2], results[8]):
+    np.testing.assert_array_equal(b, c)
+    np.testing.assert_allclose(a, c, rtol=0, atol=1e-2 * np.abs(c).max())
 
 
 def test_resumed_run_with_data_on_device_and_calls_of_four_equals_uninterrupted(tmp_path):
