@@ -8,8 +8,10 @@ once the checkpoint is committed on disk.
 """
 
 import contextlib
+import io
 import logging
 import os
+import time
 
 import jax
 from jax.experimental import multihost_utils
@@ -20,10 +22,25 @@ import orbax.checkpoint as ocp
 from fsp_jax import logs
 
 
+# Seconds a failed save waits, its stderr in the debug log, for the writes it left in flight.
+_SETTLE_S = 1.0
+
+
+class _DebugLog(io.TextIOBase):
+  """A stderr whose lines go to the debug log."""
+
+  def write(self, text: str) -> int:
+    if text.strip():
+      logging.getLogger(__name__).debug(text.rstrip())
+    return len(text)
+
+
 @contextlib.contextmanager
 def _quiet():
   """Silences Orbax's, TensorStore's and asyncio's loggers (a corrupt file makes them print
-  thousands of lines); `--verbosity=1` keeps them."""
+  thousands of lines), and sends stderr to the debug log: after a failed write TensorStore's
+  threads print a traceback for each write still in flight, into the event loop that Orbax
+  has closed. `--verbosity=1` keeps them all."""
   if logging.getLogger().isEnabledFor(logging.INFO):
     yield
     return
@@ -32,7 +49,8 @@ def _quiet():
   for name in names:
     logging.getLogger(name).setLevel(logging.CRITICAL)
   try:
-    yield
+    with contextlib.redirect_stderr(_DebugLog()):
+      yield
   finally:
     for name, level in levels.items():
       logging.getLogger(name).setLevel(level)
@@ -112,6 +130,8 @@ class PhaseCheckpoints:
       if not saved or step not in self.manager.all_steps():
         raise RuntimeError(f'it has steps {self.manager.all_steps()} after the save')
     except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore, OS errors)
+      with _quiet():  # Orbax closes its event loop at the first failed write; TensorStore's
+        time.sleep(_SETTLE_S)  # other writes in flight then fail into it (see _quiet).
       cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       intact = (f'checkpoint {max(before)} there is intact' if before else
                 'no checkpoint of this phase was saved before')
