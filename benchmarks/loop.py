@@ -1,6 +1,10 @@
 r"""Loop benchmark: the whole training loop against the bare compiled call, in one process.
 
-  python benchmarks/loop.py --out=results/benchmark_loop_cpu.json
+  python benchmarks/loop.py --out=results/benchmark_loop_gpu.json
+  python benchmarks/loop.py --resnet_settings=1:0,1:1 --out=results/benchmark_loop_cpu.json
+
+(on a CPU, ResNet-8 only at k = 1: XLA:CPU runs convolution gradients in a loop body ~23x
+slower, README: speed)
 
 For every setting (steps per call k = 1, 8, 32; the host input pipeline or the split on the
 devices, config.data.on_device):
@@ -97,6 +101,10 @@ def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int
           'host_us_per_step': 1e6 * (loop - bare) / steps_count}
 
 
+def _settings(text: str) -> list[tuple[int, bool]]:
+  return [(int(k), bool(int(d))) for k, d in (entry.split(':') for entry in text.split(','))]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=128, help='ResNet-8 steps per setting')
@@ -104,23 +112,29 @@ def main():
   parser.add_argument('--resnet_batch', type=int, default=128)
   parser.add_argument('--settings', default=','.join(f'{k}:{int(d)}' for k, d in SETTINGS),
                       help='k:on_device entries, comma-separated')
+  parser.add_argument('--resnet_settings', default=None,
+                      help='those of --settings that also time ResNet-8 (default: all); on a '
+                      'CPU, k > 1 runs its convolution gradients ~23x slower (README: speed)')
   parser.add_argument('--out', default='')
   args = parser.parse_args()
-  settings = [(int(k), bool(int(d))) for k, d in (s.split(':') for s in args.settings.split(','))]
+  settings = _settings(args.settings)
+  resnet_settings = settings if args.resnet_settings is None else _settings(args.resnet_settings)
   result = {'machine': f'{platform.machine()}, {os.cpu_count()} cores',
             'devices': [str(d) for d in jax.local_devices()], 'jax': jax.__version__,
             'trivial_batch8': [], f'resnet8_batch{args.resnet_batch}': []}
   for k, on_device in settings:
     trivial = measure(Trivial(axis_name='batch'), 8, 8, args.trivial_steps, k, on_device)
-    resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, args.resnet_batch,
-                     args.steps, k, on_device)
     result['trivial_batch8'].append(trivial)
-    result[f'resnet8_batch{args.resnet_batch}'].append(resnet)
-    print(f"k={k:2d} {'on device' if on_device else 'host     '}: trivial step "
-          f"{trivial['host_us_per_step']:6.0f} us of host time per step (bare "
-          f"{1e6 * trivial['bare_s'] / args.trivial_steps:.0f} us); ResNet-8 loop / bare "
-          f"{resnet['ratio']:.3f} ({resnet['loop_images_per_s']:.0f} against "
-          f"{resnet['bare_images_per_s']:.0f} img/s)", flush=True)
+    line = (f"k={k:2d} {'on device' if on_device else 'host     '}: trivial step "
+            f"{trivial['host_us_per_step']:6.0f} us of host time per step (bare "
+            f"{1e6 * trivial['bare_s'] / args.trivial_steps:.0f} us)")
+    if (k, on_device) in resnet_settings:
+      resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, args.resnet_batch,
+                       args.steps, k, on_device)
+      result[f'resnet8_batch{args.resnet_batch}'].append(resnet)
+      line += (f"; ResNet-8 loop / bare {resnet['ratio']:.3f} ({resnet['loop_images_per_s']:.0f}"
+               f" against {resnet['bare_images_per_s']:.0f} img/s)")
+    print(line, flush=True)
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=1)
