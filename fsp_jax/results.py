@@ -91,7 +91,8 @@ def markdown_table(rows: list[dict]) -> str:
     cells = [row['method'] + (' *' if row.get('other_settings') else ''), row['model']]
     cells += [percent(a) for a in row['nets']] + ['-'] * (nets - len(row['nets']))
     if early:
-      cells.append(percent(row['early'][1]) if row.get('early') else '-')
+      student = row['method'] != methods.TEACHER.name  # The column compares the students.
+      cells.append(percent(row['early'][1]) if student and row.get('early') else '-')
     cells += [percent(row['avg']), percent(row['ensemble']), iterations(row['iterations']),
               f"{row['wall_s'] / 60:.1f} min"]
     lines.append('| ' + ' | '.join(cells) + ' |')
