@@ -79,3 +79,33 @@ def test_table_row_gives_one_nets_iterations_and_all_nets_wall_time():
   row = results.table_row(finished, probs, labels)
   assert row['iterations'] == 240 and row['wall_s'] == 120.0
   assert row['avg'] == pytest.approx(0.6) and row['ensemble'] == 1.0
+
+
+def _finished(method, accuracies, early, iterations, task, evaluated_at=10):
+  """result.json dicts of a method's nets, first evaluated `evaluated_at` task iterations in."""
+  first = iterations - task + evaluated_at
+  return [{'method': method, 'model': 'resnet8', 'accuracy': a, 'iterations': iterations,
+           'task_iterations': task, 'wall_s': 1.0,
+           'history': {'train': [], 'eval': [[first, e], [iterations, a]]}}
+          for a, e in zip(accuracies, early)]
+
+
+def test_table_compares_the_students_after_the_same_task_iterations():
+  """The quickstart's claim: the early column holds each student row's mean accuracy at the
+  same task iteration (stage 1 not counted), the teacher's cell is empty, and the line under
+  the table names both. Mutation: counting stage 1 in the early iteration (first - 0) makes
+  the rows' iterations differ and the column vanish."""
+  labels = np.array([0, 1])
+  probs = [np.array([[0.9, 0.1], [0.2, 0.8]])] * 2
+  teacher = results.table_row(_finished('teacher', [1.0], [0.3], 600, 600), probs[:1], labels)
+  scratch = results.table_row(_finished('scratch', [0.9, 0.8], [0.2, 0.3], 40, 40), probs,
+                              labels)
+  fsp = results.table_row(_finished('fsp', [0.9, 0.9], [0.7, 0.9], 240, 40), probs, labels)
+  table = results.markdown_table([teacher, scratch, fsp])
+  assert '| Avg @10 |' in table.splitlines()[0]
+  cells = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in table.splitlines()[2:]}
+  assert cells['teacher'][4] == '-'
+  assert cells['scratch'][4] == '25.00' and cells['fsp'][4] == '80.00'
+  line = results.summary([teacher, scratch, fsp])
+  assert 'after 10 task iterations: scratch 25.00%, fsp 80.00%' in line
+  assert '(40 task iterations): scratch 85.00%, fsp 90.00%' in line
