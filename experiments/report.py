@@ -46,10 +46,14 @@ PAPER = {
 
 # The claims each table tests: (method, than): `method` is more accurate than `than`, judged
 # by the seed-paired differences of the rows' nets. Pairs whose rows are absent are left out.
+# The student alone for FSP's total iterations (scratch_matched) measures what the extra
+# iterations give; shuffled FSP against it, what a stage 1 without the teacher's flow gives.
 CLAIMS = {
     'table1': [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
+               ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched'),
                ('fitnet', 'scratch'), ('fsp', 'fitnet')],
     'table3': [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
+               ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched'),
                ('fitnet', 'scratch'), ('fsp', 'fitnet'), ('fsp', 'kd'), ('fsp', 'at'),
                ('kd', 'scratch'), ('at', 'scratch')],
     'table5': [('fsp', 'scratch'), ('fitnet', 'scratch'), ('fsp', 'fitnet'),
