@@ -289,8 +289,9 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
         pending = []
       if log:
         metrics = fetched[-1]
-        rate = progress.report(done, {k: v for k, v in metrics.items() if k != 'lr'})
-        writer.scalars(offset + done, {**{f'{phase.name}/{k}': v for k, v in metrics.items()},
+        rate = progress.report(done, {name: v for name, v in metrics.items() if name != 'lr'})
+        writer.scalars(offset + done, {**{f'{phase.name}/{name}': v
+                                          for name, v in metrics.items()},
                                        'train/images_per_s': rate})
         history.train.append([offset + done, phase.name, metrics['loss']])
       if eval_due(done):
