@@ -9,9 +9,12 @@ slower, README: speed)
 For every setting (steps per call k = 1, 8, 32; the host input pipeline or the split on the
 devices, config.data.on_device):
 1. The loop's host time per step, with a step that does almost nothing (one Dense layer on
-   the channel means of 8x8 images, batch 8): (loop time - bare time) / steps, in
-   microseconds: what a fast accelerator sees of the loop. Goal: < 50 us with the data on the
-   devices and k >= 8.
+   the channel means of 8x8 images, batch 8), in microseconds: what a fast accelerator sees
+   of the loop. Phases of N and 2N steps, logging every 96 and checkpointing every N / 2:
+   `host_us_per_step` is the loop's time beyond the bare calls' per added step (from N to
+   2N: the steady state, with its logs and checkpoints, without what a phase costs once:
+   its setup and the wait for its last checkpoint); `all_in_us_per_step` is the 2N-step
+   phase's (loop - bare) / 2N. Goal: < 50 us with the data on the devices and k >= 8.
 2. ResNet-8 at batch 128 on 32x32 images: images/s of `trainer.train_phase` (the input
    pipeline with the paper's augmentation, the compiled call, metrics fetched every
    log_every steps, progress lines, TensorBoard, checkpoints) against the bare compiled call
@@ -52,10 +55,10 @@ class Trivial(nn.Module):
     return nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(logits), {}
 
 
-def _context(image_size: int, batch_size: int, steps_count: int, k: int, on_device: bool,
-             workdir: str):
+def _context(image_size: int, batch_size: int, steps_count: int, checkpoint_every: int, k: int,
+             on_device: bool, workdir: str):
   config = config_lib.default()
-  config.update(batch_size=batch_size, log_every=96, checkpoint_every=steps_count // 2,
+  config.update(batch_size=batch_size, log_every=96, checkpoint_every=checkpoint_every,
                 eval_every=0, keep_checkpoints=2, steps_per_call=k)
   config.data.image_size = image_size
   config.scratch = config_lib.schedule((0.1,), (steps_count,))
@@ -69,10 +72,10 @@ def _context(image_size: int, batch_size: int, steps_count: int, k: int, on_devi
 
 
 def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int,
-            on_device: bool) -> dict:
+            on_device: bool, checkpoint_every: int) -> dict:
   """Seconds of `steps_count` steps as bare compiled calls and as train_phase."""
   with tempfile.TemporaryDirectory() as workdir:
-    ctx = _context(image_size, batch_size, steps_count, k, on_device, workdir)
+    ctx = _context(image_size, batch_size, steps_count, checkpoint_every, k, on_device, workdir)
     run = trainer.Run(methods.get('scratch'), 1, 'bench', Student(backbone))
     phase = run.method.phases(ctx.config)[0]
     tx = trainer.phase_optimizer(ctx.config, phase)
@@ -95,10 +98,21 @@ def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int
     loop = time.perf_counter() - start
     writer.close()
   return {'steps': steps_count, 'steps_per_call': k, 'on_device': on_device,
-          'batch_size': batch_size, 'bare_s': bare, 'loop_s': loop,
+          'batch_size': batch_size, 'checkpoint_every': checkpoint_every, 'log_every': 96,
+          'bare_s': bare, 'loop_s': loop,
           'bare_images_per_s': steps_count * batch_size / bare,
-          'loop_images_per_s': steps_count * batch_size / loop, 'ratio': bare / loop,
-          'host_us_per_step': 1e6 * (loop - bare) / steps_count}
+          'loop_images_per_s': steps_count * batch_size / loop, 'ratio': bare / loop}
+
+
+def host_time(trivial, steps_count: int, k: int, on_device: bool) -> dict:
+  """The trivial step's loop over phases of N and 2N steps: host us per step (see above)."""
+  short, long = (measure(trivial, 8, 8, n, k, on_device, steps_count // 2)
+                 for n in (steps_count, 2 * steps_count))
+  added = (long['loop_s'] - short['loop_s']) - (long['bare_s'] - short['bare_s'])
+  return {'steps_per_call': k, 'on_device': on_device, 'phases': [short, long],
+          'host_us_per_step': 1e6 * added / steps_count,
+          'all_in_us_per_step': 1e6 * (long['loop_s'] - long['bare_s']) / long['steps'],
+          'bare_us_per_step': 1e6 * long['bare_s'] / long['steps']}
 
 
 def _settings(text: str) -> list[tuple[int, bool]]:
@@ -108,7 +122,7 @@ def _settings(text: str) -> list[tuple[int, bool]]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=128, help='ResNet-8 steps per setting')
-  parser.add_argument('--trivial_steps', type=int, default=3072)
+  parser.add_argument('--trivial_steps', type=int, default=3072, help='N (see above)')
   parser.add_argument('--resnet_batch', type=int, default=128)
   parser.add_argument('--settings', default=','.join(f'{k}:{int(d)}' for k, d in SETTINGS),
                       help='k:on_device entries, comma-separated')
@@ -123,14 +137,14 @@ def main():
             'devices': [str(d) for d in jax.local_devices()], 'jax': jax.__version__,
             'trivial_batch8': [], f'resnet8_batch{args.resnet_batch}': []}
   for k, on_device in settings:
-    trivial = measure(Trivial(axis_name='batch'), 8, 8, args.trivial_steps, k, on_device)
+    trivial = host_time(Trivial(axis_name='batch'), args.trivial_steps, k, on_device)
     result['trivial_batch8'].append(trivial)
     line = (f"k={k:2d} {'on device' if on_device else 'host     '}: trivial step "
-            f"{trivial['host_us_per_step']:6.0f} us of host time per step (bare "
-            f"{1e6 * trivial['bare_s'] / args.trivial_steps:.0f} us)")
+            f"{trivial['host_us_per_step']:6.0f} us of host time per step, all in "
+            f"{trivial['all_in_us_per_step']:.0f} (bare {trivial['bare_us_per_step']:.0f} us)")
     if (k, on_device) in resnet_settings:
       resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, args.resnet_batch,
-                       args.steps, k, on_device)
+                       args.steps, k, on_device, args.steps // 2)
       result[f'resnet8_batch{args.resnet_batch}'].append(resnet)
       line += (f"; ResNet-8 loop / bare {resnet['ratio']:.3f} ({resnet['loop_images_per_s']:.0f}"
                f" against {resnet['bare_images_per_s']:.0f} img/s)")

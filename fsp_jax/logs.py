@@ -4,10 +4,12 @@ TensorBoard files come from tensorboardX (small, no TensorFlow). clu's writers a
 actions would fit the loop, but clu imports TensorFlow for its summary writer.
 """
 
+import os
 import time
 
 import jax
-import tensorboardX
+from tensorboardX import event_file_writer, record_writer, summary
+from tensorboardX.proto import event_pb2
 
 
 def say(line: str) -> None:
@@ -42,17 +44,27 @@ class Progress:
 
 
 class Writer:
-  """TensorBoard scalars from process 0; a no-op elsewhere."""
+  """TensorBoard scalars from process 0; a no-op elsewhere. Written in the calling thread
+  through the file's buffer and synced to disk at `flush` and `close` (tensorboardX's
+  SummaryWriter passes every scalar through a multiprocessing queue, and its flush leaves
+  what is queued unwritten)."""
 
   def __init__(self, logdir: str):
-    self.writer = tensorboardX.SummaryWriter(logdir) if jax.process_index() == 0 else None
+    self.events = None
+    if jax.process_index() == 0:
+      record_writer.directory_check(logdir)
+      self.events = event_file_writer.EventsWriter(os.path.join(logdir, 'events'))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
-    if self.writer:
+    if self.events:
       for key, value in values.items():
-        self.writer.add_scalar(key, value, step)
-      self.writer.flush()
+        self.events.write_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                                summary=summary.scalar(key, value)))
+
+  def flush(self) -> None:
+    if self.events:
+      self.events.flush()
 
   def close(self) -> None:
-    if self.writer:
-      self.writer.close()
+    if self.events:
+      self.events.close()

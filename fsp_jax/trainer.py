@@ -301,6 +301,7 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
         history.eval.append([offset + done, result['accuracy']])
       if save or stop:
         history.train_s = spent + time.time() - began
+        writer.flush()  # Every checkpoint's steps are in TensorBoard.
         saved.save(done, jax.device_get(jax_utils.unreplicate(replicated)), history.to_json())
         last_saved = f'the last good checkpoint is step {done} in {saved.directory}'
       if stop:

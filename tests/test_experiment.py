@@ -134,3 +134,37 @@ def test_resumed_stage1_with_augmentation_equals_uninterrupted(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(_final_params(uninterrupted, 'fsp')),
                   jax.tree_util.tree_leaves(_final_params(interrupted, 'fsp'))):
     np.testing.assert_array_equal(a, b)
+
+
+def _logged_steps(folder, tag: str) -> list[int]:
+  """The steps of a scalar in the TensorBoard event files in folder, as written so far."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  found = []
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), 'rb') as f:
+      content, at = f.read(), 0
+    while at + 12 <= len(content):  # TFRecords: length, its CRC, the record, its CRC.
+      length = int.from_bytes(content[at:at + 8], 'little')
+      event = event_pb2.Event.FromString(content[at + 12:at + 12 + length])
+      found += [event.step for value in event.summary.value if value.tag == tag]
+      at += 16 + length
+  return found
+
+
+def test_tensorboard_holds_every_step_of_each_checkpoint(tmp_path, monkeypatch):
+  """When a checkpoint is saved, the event file already holds the loss of every step logged
+  up to it (the writer syncs its file there, not at every log step).
+  Mutation: without the flush before the save, the file holds no step at any save."""
+  config = _tiny_config('scratch')
+  config.scratch = config_lib.schedule((0.1,), (6,))
+  config.log_every = 1
+  seen = {}
+  save = trainer.checkpoints.PhaseCheckpoints.save
+
+  def save_and_look(self, step, state, history):
+    seen[step] = _logged_steps(tmp_path / 'tensorboard' / 'scratch_net1', 'train/loss')
+    save(self, step, state, history)
+
+  monkeypatch.setattr(trainer.checkpoints.PhaseCheckpoints, 'save', save_and_look)
+  experiment.train_and_evaluate(config, str(tmp_path))
+  assert seen == {step: list(range(1, step + 1)) for step in (2, 4, 6)}, seen
