@@ -13,8 +13,10 @@ devices, config.data.on_device):
    of the loop. Phases of N and 2N steps, logging every 96 and checkpointing every N / 2:
    `host_us_per_step` is the loop's time beyond the bare calls' per added step (from N to
    2N: the steady state, with its logs and checkpoints, without what a phase costs once:
-   its setup and the wait for its last checkpoint); `all_in_us_per_step` is the 2N-step
-   phase's (loop - bare) / 2N. Goal: < 50 us with the data on the devices and k >= 8.
+   its setup and its last checkpoint), also between checkpoints (phases checkpointed at
+   their end only), with `checkpoint_ms`, the host time of one save; `all_in_us_per_step`
+   is the 2N-step phase's (loop - bare) / 2N. Goal: < 50 us with the data on the devices
+   and k >= 8.
 2. ResNet-8 at batch 128 on 32x32 images: images/s of `trainer.train_phase` (the input
    pipeline with the paper's augmentation, the compiled call, metrics fetched every
    log_every steps, progress lines, TensorBoard, checkpoints) against the bare compiled call
@@ -105,14 +107,19 @@ def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int
 
 
 def host_time(trivial, steps_count: int, k: int, on_device: bool) -> dict:
-  """The trivial step's loop over phases of N and 2N steps: host us per step (see above)."""
-  short, long = (measure(trivial, 8, 8, n, k, on_device, steps_count // 2)
-                 for n in (steps_count, 2 * steps_count))
-  added = (long['loop_s'] - short['loop_s']) - (long['bare_s'] - short['bare_s'])
-  return {'steps_per_call': k, 'on_device': on_device, 'phases': [short, long],
-          'host_us_per_step': 1e6 * added / steps_count,
-          'all_in_us_per_step': 1e6 * (long['loop_s'] - long['bare_s']) / long['steps'],
-          'bare_us_per_step': 1e6 * long['bare_s'] / long['steps']}
+  """The trivial step's loop over phases of N and 2N steps: host us per step (see above),
+  with a checkpoint every N / 2 steps and with one at the end only, and the host ms of one
+  checkpoint (the 2N-step phase's three more saves)."""
+  runs = {(n, every): measure(trivial, 8, 8, n, k, on_device, every)
+          for n in (steps_count, 2 * steps_count) for every in (steps_count // 2, n)}
+  host = {key: run['loop_s'] - run['bare_s'] for key, run in runs.items()}
+  n, long = steps_count, 2 * steps_count
+  return {'steps_per_call': k, 'on_device': on_device, 'phases': list(runs.values()),
+          'host_us_per_step': 1e6 * (host[long, n // 2] - host[n, n // 2]) / n,
+          'host_us_per_step_between_checkpoints': 1e6 * (host[long, long] - host[n, n]) / n,
+          'checkpoint_ms': 1e3 * (host[long, n // 2] - host[long, long]) / 3,
+          'all_in_us_per_step': 1e6 * host[long, n // 2] / long,
+          'bare_us_per_step': 1e6 * runs[long, n // 2]['bare_s'] / long}
 
 
 def _settings(text: str) -> list[tuple[int, bool]]:
@@ -140,8 +147,10 @@ def main():
     trivial = host_time(Trivial(axis_name='batch'), args.trivial_steps, k, on_device)
     result['trivial_batch8'].append(trivial)
     line = (f"k={k:2d} {'on device' if on_device else 'host     '}: trivial step "
-            f"{trivial['host_us_per_step']:6.0f} us of host time per step, all in "
-            f"{trivial['all_in_us_per_step']:.0f} (bare {trivial['bare_us_per_step']:.0f} us)")
+            f"{trivial['host_us_per_step']:4.0f} us of host time per step "
+            f"({trivial['host_us_per_step_between_checkpoints']:.0f} between checkpoints, "
+            f"{trivial['checkpoint_ms']:.0f} ms a checkpoint; all in "
+            f"{trivial['all_in_us_per_step']:.0f}; bare {trivial['bare_us_per_step']:.0f} us)")
     if (k, on_device) in resnet_settings:
       resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, args.resnet_batch,
                        args.steps, k, on_device, args.steps // 2)
