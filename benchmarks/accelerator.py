@@ -53,8 +53,8 @@ def step_runs(tiny: bool, folder: str) -> list[dict]:
 
 def loop_run(tiny: bool, folder: str) -> dict:
   out = os.path.join(folder, 'loop.json')
-  sizes = (['--steps=32', '--trivial_steps=64', '--resnet_batch=8', '--settings=1:0,8:1']
-           if tiny else ['--steps=256', '--trivial_steps=6144'])
+  sizes = (['--steps=32', '--trivial_steps=64', '--resnet_batch=8', '--settings=1:0,8:1',
+            '--rounds=1'] if tiny else ['--steps=256', '--trivial_steps=6144'])
   _python('benchmarks/loop.py', *sizes, f'--out={out}')
   return _read(out)
 
