@@ -1,4 +1,4 @@
-"""Whole experiments: a cached stage 1, resume after a corrupt checkpoint, adapters."""
+"""Whole experiments: a cached stage 1, resume after a corrupt checkpoint, adapters, TensorBoard."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import numpy as np
+from tensorboardX.proto import event_pb2
 
 from configs import common
 from fsp_jax import config as config_lib
@@ -138,7 +139,6 @@ def test_resumed_stage1_with_augmentation_equals_uninterrupted(tmp_path):
 
 def _logged_steps(folder, tag: str) -> list[int]:
   """The steps of a scalar in the TensorBoard event files in folder, as written so far."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   found = []
   for name in sorted(os.listdir(folder)):
     with open(os.path.join(folder, name), 'rb') as f:
