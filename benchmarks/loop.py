@@ -109,7 +109,8 @@ def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int
   ratios = [b / l for b, l in zip(bare, loop)]
   median = sorted(range(rounds), key=lambda r: ratios[r])[rounds // 2]
   return {'steps': steps_count, 'steps_per_call': k, 'on_device': on_device,
-          'batch_size': batch_size, 'checkpoint_every': checkpoint_every, 'log_every': 96,
+          'batch_size': batch_size, 'checkpoint_every': checkpoint_every,
+          'log_every': ctx.config.log_every,
           'bare_s': bare[median], 'loop_s': loop[median],
           'bare_images_per_s': steps_count * batch_size / bare[median],
           'loop_images_per_s': steps_count * batch_size / loop[median],
@@ -120,16 +121,16 @@ def host_time(trivial, steps_count: int, k: int, on_device: bool) -> dict:
   """The trivial step's loop over phases of N and 2N steps: host us per step (see above),
   with a checkpoint every N / 2 steps and with one at the end only, and the host ms of one
   checkpoint (the 2N-step phase's three more saves)."""
-  runs = {(n, every): measure(trivial, 8, 8, n, k, on_device, every)
-          for n in (steps_count, 2 * steps_count) for every in (steps_count // 2, n)}
+  n, long, half = steps_count, 2 * steps_count, steps_count // 2
+  runs = {(steps, every): measure(trivial, 8, 8, steps, k, on_device, every)
+          for steps in (n, long) for every in (half, steps)}
   host = {key: run['loop_s'] - run['bare_s'] for key, run in runs.items()}
-  n, long = steps_count, 2 * steps_count
   return {'steps_per_call': k, 'on_device': on_device, 'phases': list(runs.values()),
-          'host_us_per_step': 1e6 * (host[long, n // 2] - host[n, n // 2]) / n,
+          'host_us_per_step': 1e6 * (host[long, half] - host[n, half]) / n,
           'host_us_per_step_between_checkpoints': 1e6 * (host[long, long] - host[n, n]) / n,
-          'checkpoint_ms': 1e3 * (host[long, n // 2] - host[long, long]) / 3,
-          'all_in_us_per_step': 1e6 * host[long, n // 2] / long,
-          'bare_us_per_step': 1e6 * runs[long, n // 2]['bare_s'] / long}
+          'checkpoint_ms': 1e3 * (host[long, half] - host[long, long]) / 3,
+          'all_in_us_per_step': 1e6 * host[long, half] / long,
+          'bare_us_per_step': 1e6 * runs[long, half]['bare_s'] / long}
 
 
 def _settings(text: str) -> list[tuple[int, bool]]:
