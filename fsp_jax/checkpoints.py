@@ -191,7 +191,11 @@ def load_variables(path: str, model, image_size: int) -> dict:
                      f'the folder of an Orbax checkpoint of {described}.')
   try:
     with _quiet(), ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(os.path.abspath(path))
+      # Host arrays, whatever devices saved it: jax.Arrays saved on one process otherwise
+      # restore only where their topology is found again (not on a multi-host slice).
+      saved = checkpointer.metadata(os.path.abspath(path)).item_metadata.tree
+      restored = checkpointer.restore(os.path.abspath(path), jax.tree.map(
+          lambda leaf: np.empty(leaf.shape, leaf.dtype), saved))
   except Exception as e:  # Orbax raises several kinds for missing or broken files.
     raise ValueError(f'{path} cannot be read as an Orbax checkpoint: {type(e).__name__}: '
                      f'{str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}') from e

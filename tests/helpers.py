@@ -9,8 +9,8 @@ from fsp_jax.layout import Layout
 
 
 def save_model(path: str, name: str = 'resnet8', classes: int = 10, width: int = 1) -> str:
-  """A freshly initialised network's {'params', 'batch_stats'}, saved as a finished run saves
-  its model/ (a teacher checkpoint); returns path."""
+  """A freshly initialised network's {'params', 'batch_stats'} as this process's jax.Arrays,
+  saved in the layout of a finished run's model/ (a teacher checkpoint); returns path."""
   model = models.get(name, classes, width)
   variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
   with ocp.StandardCheckpointer() as checkpointer:
