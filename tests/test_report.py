@@ -109,3 +109,19 @@ def test_table_compares_the_students_after_the_same_task_iterations():
   line = results.summary([teacher, scratch, fsp])
   assert 'after 10 task iterations: scratch 25.00%, fsp 80.00%' in line
   assert '(40 task iterations): scratch 85.00%, fsp 90.00%' in line
+
+
+def test_committed_report_is_what_the_committed_runs_and_notes_give(tmp_path):
+  """results/REPORT.md is rebuilt whenever a row or the notes change: a stale report (per-net
+  results or notes committed without rerunning report.py) fails here."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tables = {'table1': 'fast_opt_cifar10_cpu', 'table3': 'minimize_cifar10_cpu',
+            'table5': 'transfer_cub_cpu'}
+  runs = {name: os.path.join(root, 'results', 'runs', folder) for name, folder in tables.items()}
+  with open(os.path.join(root, 'results', 'notes.md')) as f:
+    notes = f.read()
+  with open(report.write_report(runs, str(tmp_path), notes)) as f:
+    rebuilt = f.read()
+  with open(os.path.join(root, 'results', 'REPORT.md')) as f:
+    assert f.read() == rebuilt, ('results/REPORT.md differs from what report.py writes from '
+                                 'results/runs and results/notes.md: rebuild it (README).')
