@@ -124,4 +124,5 @@ def test_committed_report_is_what_the_committed_runs_and_notes_give(tmp_path):
     rebuilt = f.read()
   with open(os.path.join(root, 'results', 'REPORT.md')) as f:
     assert f.read() == rebuilt, ('results/REPORT.md differs from what report.py writes from '
-                                 'results/runs and results/notes.md: rebuild it (README).')
+                                 'results/runs and results/notes.md: rebuild it with the '
+                                 'report.py command in results/notes.md.')
