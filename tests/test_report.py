@@ -112,8 +112,8 @@ def test_table_compares_the_students_after_the_same_task_iterations():
 
 
 def test_committed_report_is_what_the_committed_runs_and_notes_give(tmp_path):
-  """results/REPORT.md is rebuilt whenever a row or the notes change: a stale report (per-net
-  results or notes committed without rerunning report.py) fails here."""
+  """results/REPORT.md is rebuilt whenever a row or the notes change: a stale report (a rebuilt
+  results table or notes committed without rerunning report.py) fails here."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   tables = {'table1': 'fast_opt_cifar10_cpu', 'table3': 'minimize_cifar10_cpu',
             'table5': 'transfer_cub_cpu'}
