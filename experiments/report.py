@@ -56,9 +56,10 @@ CLAIMS = {
                ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched'),
                ('fitnet', 'scratch'), ('fsp', 'fitnet'), ('fsp', 'kd'), ('fsp', 'at'),
                ('kd', 'scratch'), ('at', 'scratch')],
-    'table5': [('fsp', 'scratch'), ('fsp', 'fsp_shuffled'), ('fsp_shuffled', 'scratch'),
-               ('fitnet', 'scratch'), ('fsp', 'fitnet'), ('finetune', 'teacher_scratch'),
-               ('fsp', 'teacher_scratch'), ('finetune', 'fsp')],
+    'table5': [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
+               ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched'),
+               ('fsp_shuffled', 'scratch'), ('fitnet', 'scratch'), ('fsp', 'fitnet'),
+               ('finetune', 'teacher_scratch'), ('fsp', 'teacher_scratch'), ('finetune', 'fsp')],
 }
 
 
