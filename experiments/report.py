@@ -48,18 +48,15 @@ PAPER = {
 # by the seed-paired differences of the rows' nets. Pairs whose rows are absent are left out.
 # The student alone for FSP's total iterations (scratch_matched) measures what the extra
 # iterations give; shuffled FSP against it, what a stage 1 without the teacher's flow gives.
+CONTROLS = [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
+            ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched')]
 CLAIMS = {
-    'table1': [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
-               ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched'),
-               ('fitnet', 'scratch'), ('fsp', 'fitnet')],
-    'table3': [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
-               ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched'),
-               ('fitnet', 'scratch'), ('fsp', 'fitnet'), ('fsp', 'kd'), ('fsp', 'at'),
-               ('kd', 'scratch'), ('at', 'scratch')],
-    'table5': [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
-               ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched'),
-               ('fsp_shuffled', 'scratch'), ('fitnet', 'scratch'), ('fsp', 'fitnet'),
-               ('finetune', 'teacher_scratch'), ('fsp', 'teacher_scratch'), ('finetune', 'fsp')],
+    'table1': CONTROLS + [('fitnet', 'scratch'), ('fsp', 'fitnet')],
+    'table3': CONTROLS + [('fitnet', 'scratch'), ('fsp', 'fitnet'), ('fsp', 'kd'), ('fsp', 'at'),
+                          ('kd', 'scratch'), ('at', 'scratch')],
+    'table5': CONTROLS + [('fsp_shuffled', 'scratch'), ('fitnet', 'scratch'), ('fsp', 'fitnet'),
+                          ('finetune', 'teacher_scratch'), ('fsp', 'teacher_scratch'),
+                          ('finetune', 'fsp')],
 }
 
 
