@@ -4,7 +4,9 @@ For the paper's pairs (26->26, 26->8, 32->14) at batch 128: images/s and the med
 (after warm-up) of stage 1 (teacher pass + student FSP step), stage 1 with cached teacher
 matrices (config.fsp.cache), stage 2 (cross-entropy) and evaluation; our compile time, XLA's
 FLOP count and memory estimate, the achieved FLOP/s as a fraction of a measured fp32 matmul,
-and the ratio ours / PyTorch (> 1: we are faster). Prints a Markdown table, writes JSON.
+and the ratio ours / PyTorch (> 1: we are faster). The reference runs on the GPU where torch
+sees one (its forward passes under bfloat16 autocast with --dtype=bfloat16). Prints a Markdown
+table, writes JSON.
 
   python benchmarks/steps.py --out=/tmp/steps.json
   python benchmarks/steps.py --xla_flags=--xla_cpu_use_onednn=true --out=/tmp/onednn.json
@@ -121,11 +123,29 @@ def _measure(compiled, run, compile_s: float, repeats: int) -> dict:
           'flops': _first(compiled.cost_analysis()).get('flops'), 'memory_bytes': memory_bytes}
 
 
-def torch_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int) -> dict:
-  """{step: {'seconds'}} of the PyTorch reference."""
+def torch_device() -> str:
+  import torch  # pylint: disable=g-import-not-at-top
+  return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def torch_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int,
+               dtype: str = 'float32') -> dict:
+  """{step: {'seconds'}} of the PyTorch reference, on the GPU where torch sees one."""
+  import torch  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
-  steps = torch_reference.Steps(int(teacher_name[6:]), int(student_name[6:]), batch_size)
-  return {name: {'seconds': median_seconds(getattr(steps, name), repeats)} for name in STEPS}
+  device = torch_device()
+  steps = torch_reference.Steps(int(teacher_name[6:]), int(student_name[6:]), batch_size,
+                                device=device, dtype=dtype)
+
+  def timed(step):
+    def run():
+      step()
+      if device == 'cuda':  # Its kernels run asynchronously, as ours do.
+        torch.cuda.synchronize()
+    return run
+
+  return {name: {'seconds': median_seconds(timed(getattr(steps, name)), repeats)}
+          for name in STEPS}
 
 
 def _label(teacher_name: str, student_name: str) -> str:
@@ -189,7 +209,7 @@ def main():
   else:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count())
-    reference = f'torch {torch.__version__}'
+    reference = f'torch {torch.__version__} on {torch_device()}'
   device = jax.devices()[0]
   machine = (f'{device.device_kind} x {jax.local_device_count()} ({platform.machine()}, '
              f'{os.cpu_count()} CPUs), jax {jax.__version__}, {reference}, '
@@ -205,7 +225,7 @@ def main():
     elif args.torch_from:
       theirs = {step: {'seconds': torch_seconds[label, step]} for step in STEPS}
     else:
-      theirs = torch_pair(teacher_name, student_name, args.batch_size, args.repeats)
+      theirs = torch_pair(teacher_name, student_name, args.batch_size, args.repeats, args.dtype)
     for step in STEPS:
       rows.append({'pair': label, 'step': step,
                    **{k: v for k, v in ours[step].items() if k != 'seconds'},

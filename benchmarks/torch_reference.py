@@ -3,7 +3,8 @@
 The same CIFAR ResNets as fsp_jax.models (3x3 stem, option-A zero-padding shortcuts, MSRA
 init), returning the features at each stage's input and output; the same FSP matrix (sum over
 positions / (h * w)) and loss (1/B sum over images and stages of the squared Frobenius norm);
-SGD with momentum 0.9 and coupled weight decay 1e-4. Images in channels_last memory format.
+SGD with momentum 0.9 and coupled weight decay 1e-4. Images in channels_last memory format; on
+a GPU where one is named, with the forward passes in bfloat16 under autocast where asked.
 """
 
 import torch
@@ -80,16 +81,19 @@ def fsp_loss(student_features, teacher_matrices):
 class Steps:
   """The steps the benchmark times, for a teacher -> student pair at one batch size."""
 
-  def __init__(self, teacher_depth, student_depth, batch_size, image_size=32):
+  def __init__(self, teacher_depth, student_depth, batch_size, image_size=32, device='cpu',
+               dtype='float32'):
     torch.manual_seed(0)
-    self.teacher = CifarResNet(teacher_depth).to(memory_format=torch.channels_last).eval()
-    self.student = CifarResNet(student_depth).to(memory_format=torch.channels_last)
+    place = lambda model: model.to(device, memory_format=torch.channels_last)
+    self.teacher = place(CifarResNet(teacher_depth)).eval()
+    self.student = place(CifarResNet(student_depth))
     self.optimizer = torch.optim.SGD(self.student.parameters(), lr=1e-3, momentum=0.9,
                                      weight_decay=1e-4)
-    self.images = torch.randn(batch_size, 3, image_size, image_size).contiguous(
+    self.images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
         memory_format=torch.channels_last)
-    self.labels = torch.randint(0, 10, (batch_size,))
-    with torch.no_grad():
+    self.labels = torch.randint(0, 10, (batch_size,), device=device)
+    self.autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == 'bfloat16')
+    with torch.no_grad(), self.autocast():
       self.cached = [g.clone() for g in fsp_matrices(self.teacher(self.images)[1])]
 
   def _update(self, loss):
@@ -100,20 +104,26 @@ class Steps:
   def stage1(self):
     """Teacher pass (inference) + student FSP step."""
     self.student.train()
-    with torch.no_grad():
+    with torch.no_grad(), self.autocast():
       targets = fsp_matrices(self.teacher(self.images)[1])
-    self._update(fsp_loss(self.student(self.images)[1], targets))
+    with self.autocast():
+      loss = fsp_loss(self.student(self.images)[1], targets)
+    self._update(loss)
 
   def stage1_cached(self):
     """Student FSP step against stored teacher matrices."""
     self.student.train()
-    self._update(fsp_loss(self.student(self.images)[1], self.cached))
+    with self.autocast():
+      loss = fsp_loss(self.student(self.images)[1], self.cached)
+    self._update(loss)
 
   def stage2(self):
     self.student.train()
-    self._update(F.cross_entropy(self.student(self.images)[0], self.labels))
+    with self.autocast():
+      loss = F.cross_entropy(self.student(self.images)[0], self.labels)
+    self._update(loss)
 
   def eval(self):
     self.student.eval()
-    with torch.no_grad():
+    with torch.no_grad(), self.autocast():
       self.student(self.images)

@@ -25,4 +25,7 @@ def test_accelerator_script_writes_every_measurement(tmp_path):
   settings = [(m['steps_per_call'], m['on_device']) for m in result['loop']['trivial_batch8']]
   assert settings == [(1, False), (8, True)]
   assert all(m['bare_s'] > 0 and m['loop_s'] > 0 for m in result['loop']['resnet8_batch8'])
-  assert [row['method'] for row in result['training']['rows']] == ['teacher', 'scratch', 'fsp']
+  assert result['complete']
+  assert [run['on_device'] for run in result['training']] == [True, False]
+  for run in result['training']:
+    assert [row['method'] for row in run['rows']] == ['teacher', 'scratch', 'fsp']
