@@ -126,9 +126,9 @@ class PhaseCheckpoints:
         saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
         self.manager.wait_until_finished()
-      self.manager.reload()
-      if not saved or step not in self.manager.all_steps():
-        raise RuntimeError(f'it has steps {self.manager.all_steps()} after the save')
+      committed = os.path.join(self.directory, str(step))  # Renamed from a temporary folder.
+      if not saved or not os.path.isdir(committed):
+        raise RuntimeError(f'{committed} is not there after the save')
     except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore, OS errors)
       with _quiet():  # Orbax closes its event loop at the first failed write; TensorStore's
         time.sleep(_SETTLE_S)  # other writes in flight then fail into it (see _quiet).
