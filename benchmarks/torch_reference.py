@@ -3,8 +3,9 @@
 The same CIFAR ResNets as fsp_jax.models (3x3 stem, option-A zero-padding shortcuts, MSRA
 init), returning the features at each stage's input and output; the same FSP matrix (sum over
 positions / (h * w)) and loss (1/B sum over images and stages of the squared Frobenius norm);
-SGD with momentum 0.9 and coupled weight decay 1e-4. Images in channels_last memory format; on
-a GPU where one is named, with the forward passes in bfloat16 under autocast where asked.
+SGD with momentum 0.9 and coupled weight decay 1e-4. Images in channels_last memory format, on
+the device named (a GPU where there is one), the forward passes under bfloat16 autocast where
+asked.
 """
 
 import torch
