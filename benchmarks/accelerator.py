@@ -90,7 +90,7 @@ def training_run(tiny: bool, cifar10: str, folder: str, on_device: bool) -> dict
 
 def runs(tiny: bool, cifar10: str, folder: str) -> list:
   """(key, measure) of every run, in the order they run: the loop, the steps, the trainings."""
-  found = [('loop', lambda: loop_run(tiny, folder))]
+  found = [('loop', functools.partial(loop_run, tiny, folder))]
   for batch in ((8,) if tiny else (128, 512)):
     for dtype in ('float32', 'bfloat16'):
       found.append(('steps', functools.partial(step_run, tiny, folder, dtype, batch)))
