@@ -55,7 +55,7 @@ def step_run(tiny: bool, folder: str, dtype: str, batch: int) -> dict:
 def loop_run(tiny: bool, folder: str) -> dict:
   out = os.path.join(folder, 'loop.json')
   sizes = (['--steps=32', '--trivial_steps=64', '--resnet_batch=8', '--settings=1:0,8:1',
-            '--rounds=1'] if tiny else ['--steps=2048', '--trivial_steps=6144'])
+            '--rounds=1'] if tiny else ['--steps=1024', '--trivial_steps=3072'])
   _python('benchmarks/loop.py', *sizes, f'--out={out}')
   return _read(out)
 

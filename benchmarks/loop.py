@@ -7,7 +7,8 @@ r"""Loop benchmark: the whole training loop against the bare compiled call, in o
 slower, README: speed)
 
 For every setting (steps per call k = 1, 8, 32; the host input pipeline or the split on the
-devices, config.data.on_device):
+devices, config.data.on_device), bare calls and `trainer.train_phase` alternated --rounds
+times, so that the machine's drift falls on both alike, the median round taken:
 1. The loop's host time per step, with a step that does almost nothing (one Dense layer on
    the channel means of 8x8 images, batch 8), in microseconds: what a fast accelerator sees
    of the loop. Phases of N and 2N steps, logging every 96 and checkpointing every N / 2:
@@ -15,13 +16,16 @@ devices, config.data.on_device):
    2N: the steady state, with its logs and checkpoints, without what a phase costs once:
    its setup and its last checkpoint), also between checkpoints (phases checkpointed at
    their end only), with `checkpoint_ms`, the host time of one save; `all_in_us_per_step`
-   is the 2N-step phase's (loop - bare) / 2N. Goal: < 50 us with the data on the devices
-   and k >= 8.
-2. ResNet-8 at batch 128 on 32x32 images: images/s of `trainer.train_phase` (the input
-   pipeline with the paper's augmentation, the compiled call, metrics fetched every
-   log_every steps, progress lines, TensorBoard, checkpoints) against the bare compiled call
-   repeated on inputs already on the devices, alternated --rounds times: the median round's
-   loop / bare. Goal: >= 0.99.
+   is the 2N-step phase's (loop - bare) / 2N, and `all_in_thread_us_per_step` the same in
+   CPU seconds of the main thread (Python's share, not slowed by the machine's noise nor by
+   the device's threads on a CPU). Goal: < 50 us with the data on the devices and k >= 8.
+2. ResNet-8 at batch 128 on 32x32 images, a phase of --steps logging 8 times: the bare
+   compiled call (inputs already on the devices, the host waiting for it at the same steps
+   as the loop) against `trainer.train_phase` (the input pipeline with the paper's
+   augmentation, the compiled call, metrics fetched at each log step, progress lines,
+   TensorBoard), each timed from its first log step to its last (the steady state of a long
+   phase), `ratio` bare / loop; `phase_ratio` over the whole phase, its setup and final
+   checkpoint included. Goal: >= 0.99.
 
 The bare call and the loop run the same compiled program (steps.make_train_step's cache).
 """
@@ -59,10 +63,22 @@ class Trivial(nn.Module):
     return nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(logits), {}
 
 
-def _context(image_size: int, batch_size: int, steps_count: int, checkpoint_every: int, k: int,
-             on_device: bool, workdir: str):
+class _LogTimes(logs.Writer):
+  """A TensorBoard writer that notes when each log step's metrics reached the host."""
+
+  def __init__(self, logdir: str):
+    super().__init__(logdir)
+    self.times = []
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    self.times.append(time.perf_counter())
+    super().scalars(step, values)
+
+
+def _context(image_size: int, batch_size: int, steps_count: int, log_every: int,
+             checkpoint_every: int, k: int, on_device: bool, workdir: str):
   config = config_lib.default()
-  config.update(batch_size=batch_size, log_every=96, checkpoint_every=checkpoint_every,
+  config.update(batch_size=batch_size, log_every=log_every, checkpoint_every=checkpoint_every,
                 eval_every=0, keep_checkpoints=2, steps_per_call=k)
   config.data.image_size = image_size
   config.scratch = config_lib.schedule((0.1,), (steps_count,))
@@ -75,62 +91,99 @@ def _context(image_size: int, batch_size: int, steps_count: int, checkpoint_ever
   return trainer.Context(config, Layout(workdir), source, source, preprocess, placed=placed)
 
 
+def _seconds(times: list[float]) -> float | None:
+  """From the first log step to the last (None if fewer than two)."""
+  return times[-1] - times[0] if len(times) > 1 else None
+
+
 def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int,
-            on_device: bool, checkpoint_every: int, rounds: int = 1) -> dict:
-  """Seconds of `steps_count` steps as bare compiled calls and as train_phase (a phase in a
-  new workdir), alternated `rounds` times: the machine's drift falls on both alike. The
-  ratio is the median round's bare / loop."""
+            on_device: bool, log_every: int, checkpoint_every: int, rounds: int = 1) -> dict:
+  """`steps_count` steps as bare compiled calls (the host waiting for the device every
+  log_every steps, as the loop does) and as train_phase (a phase in a new workdir), alternated
+  `rounds` times: the machine's drift falls on both alike. Per round: the wall seconds of all
+  steps, the main thread's CPU seconds, and the seconds from the first log step to the last
+  (the steady state: without the phase's setup and final checkpoint)."""
   with tempfile.TemporaryDirectory() as workdir:
-    ctx = _context(image_size, batch_size, steps_count, checkpoint_every, k, on_device, workdir)
+    ctx = _context(image_size, batch_size, steps_count, log_every, checkpoint_every, k,
+                   on_device, workdir)
     run = trainer.Run(methods.get('scratch'), 1, 'bench', Student(backbone))
     phase = run.method.phases(ctx.config)[0]
     tx = trainer.phase_optimizer(ctx.config, phase)
     variables = steps.init_variables(run.student, jax.random.key(0), image_size)
     call = steps.make_train_step(run.student, None, phase, tx,
-                                 ctx.preprocess if on_device else None)
+                                 ctx.preprocess if on_device else None, k)
     inputs = next(trainer.call_inputs(ctx, run, phase, 0))
     replicated = steps.replicate(steps.fresh_state(variables, tx))
     for _ in range(3):  # Compiles, warms up.
       replicated, metrics = call(replicated, inputs, None, ctx.placed)
     jax.block_until_ready(metrics)
-    bare, loop = [], []
+    found = {name: [] for name in ('bare_s', 'loop_s', 'bare_thread_s', 'loop_thread_s',
+                                   'bare_steady_s', 'loop_steady_s')}
     for r in range(rounds):
-      start = time.perf_counter()
-      for _ in range(steps_count // k):
+      start, thread, times = time.perf_counter(), time.thread_time(), []
+      for first in range(0, steps_count, k):
         replicated, metrics = call(replicated, inputs, None, ctx.placed)
+        if (first + k) % log_every == 0:
+          jax.block_until_ready(metrics)
+          times.append(time.perf_counter())
       jax.block_until_ready(metrics)
-      bare.append(time.perf_counter() - start)
+      found['bare_s'].append(time.perf_counter() - start)
+      found['bare_thread_s'].append(time.thread_time() - thread)
+      found['bare_steady_s'].append(_seconds(times))
       round_ctx = dataclasses.replace(ctx, layout=Layout(os.path.join(workdir, str(r))))
-      writer = logs.Writer(run.files(round_ctx.layout).tensorboard)
-      start = time.perf_counter()
+      writer = _LogTimes(run.files(round_ctx.layout).tensorboard)
+      start, thread = time.perf_counter(), time.thread_time()
       trainer.train_phase(round_ctx, run, phase, variables, trainer.History(), 0, writer)
-      loop.append(time.perf_counter() - start)
+      found['loop_s'].append(time.perf_counter() - start)
+      found['loop_thread_s'].append(time.thread_time() - thread)
+      found['loop_steady_s'].append(_seconds(writer.times))
       writer.close()
-  ratios = [b / l for b, l in zip(bare, loop)]
-  median = sorted(range(rounds), key=lambda r: ratios[r])[rounds // 2]
-  return {'steps': steps_count, 'steps_per_call': k, 'on_device': on_device,
-          'batch_size': batch_size, 'checkpoint_every': checkpoint_every,
-          'log_every': ctx.config.log_every,
-          'bare_s': bare[median], 'loop_s': loop[median],
-          'bare_images_per_s': steps_count * batch_size / bare[median],
-          'loop_images_per_s': steps_count * batch_size / loop[median],
-          'ratio': ratios[median], 'rounds': {'bare_s': bare, 'loop_s': loop, 'ratio': ratios}}
+  return {'steps': steps_count, 'steady_steps': steps_count - log_every, 'steps_per_call': k,
+          'on_device': on_device, 'batch_size': batch_size, 'log_every': log_every,
+          'checkpoint_every': checkpoint_every, 'rounds': found}
 
 
-def host_time(trivial, steps_count: int, k: int, on_device: bool) -> dict:
+def _median(values) -> float:
+  return float(np.median(values))
+
+
+def host_time(trivial, steps_count: int, k: int, on_device: bool, rounds: int) -> dict:
   """The trivial step's loop over phases of N and 2N steps: host us per step (see above),
   with a checkpoint every N / 2 steps and with one at the end only, and the host ms of one
-  checkpoint (the 2N-step phase's three more saves)."""
+  checkpoint (the 2N-step phase's three more saves); the median round of each phase's
+  loop - bare."""
   n, long, half = steps_count, 2 * steps_count, steps_count // 2
-  runs = {(steps, every): measure(trivial, 8, 8, steps, k, on_device, every)
+  runs = {(steps, every): measure(trivial, 8, 8, steps, k, on_device, 96, every, rounds)
           for steps in (n, long) for every in (half, steps)}
-  host = {key: run['loop_s'] - run['bare_s'] for key, run in runs.items()}
+
+  def host(key, kind=''):
+    found = runs[key]['rounds']
+    return _median(np.subtract(found[f'loop{kind}_s'], found[f'bare{kind}_s']))
+
   return {'steps_per_call': k, 'on_device': on_device, 'phases': list(runs.values()),
-          'host_us_per_step': 1e6 * (host[long, half] - host[n, half]) / n,
-          'host_us_per_step_between_checkpoints': 1e6 * (host[long, long] - host[n, n]) / n,
-          'checkpoint_ms': 1e3 * (host[long, half] - host[long, long]) / 3,
-          'all_in_us_per_step': 1e6 * host[long, half] / long,
-          'bare_us_per_step': 1e6 * runs[long, half]['bare_s'] / long}
+          'host_us_per_step': 1e6 * (host((long, half)) - host((n, half))) / n,
+          'host_us_per_step_between_checkpoints':
+              1e6 * (host((long, long)) - host((n, n))) / n,
+          'checkpoint_ms': 1e3 * (host((long, half)) - host((long, long))) / 3,
+          'all_in_us_per_step': 1e6 * host((long, half)) / long,
+          'all_in_thread_us_per_step': 1e6 * host((long, half), '_thread') / long,
+          'bare_us_per_step': 1e6 * _median(runs[long, half]['rounds']['bare_s']) / long}
+
+
+def resnet_ratio(steps_count: int, batch_size: int, k: int, on_device: bool,
+                 rounds: int) -> dict:
+  """ResNet-8's loop / bare call in the steady state (see above), each round's and the
+  median; the whole phase's too (its setup and final checkpoint included)."""
+  log_every = max(k, steps_count // 8 // k * k)
+  result = measure(models.get('resnet8', 10, axis_name='batch'), 32, batch_size, steps_count,
+                   k, on_device, log_every, steps_count, rounds)
+  found = result['rounds']
+  steady = np.divide(found['bare_steady_s'], found['loop_steady_s'])
+  phase = np.divide(found['bare_s'], found['loop_s'])
+  return {**result, 'ratios': steady.tolist(), 'ratio': _median(steady),
+          'phase_ratios': phase.tolist(), 'phase_ratio': _median(phase),
+          'bare_images_per_s': result['steady_steps'] * batch_size / _median(
+              found['bare_steady_s'])}
 
 
 def _settings(text: str) -> list[tuple[int, bool]]:
@@ -142,7 +195,7 @@ def main():
   parser.add_argument('--steps', type=int, default=128, help='ResNet-8 steps per setting')
   parser.add_argument('--trivial_steps', type=int, default=3072, help='N (see above)')
   parser.add_argument('--resnet_batch', type=int, default=128)
-  parser.add_argument('--rounds', type=int, default=3, help='ResNet-8 bare / loop alternations')
+  parser.add_argument('--rounds', type=int, default=3, help='bare / loop alternations')
   parser.add_argument('--settings', default=','.join(f'{k}:{int(d)}' for k, d in SETTINGS),
                       help='k:on_device entries, comma-separated')
   parser.add_argument('--resnet_settings', default=None,
@@ -156,23 +209,27 @@ def main():
             'devices': [str(d) for d in jax.local_devices()], 'jax': jax.__version__,
             'trivial_batch8': [], f'resnet8_batch{args.resnet_batch}': []}
   for k, on_device in settings:
-    trivial = host_time(Trivial(axis_name='batch'), args.trivial_steps, k, on_device)
+    trivial = host_time(Trivial(axis_name='batch'), args.trivial_steps, k, on_device,
+                        args.rounds)
     result['trivial_batch8'].append(trivial)
     line = (f"k={k:2d} {'on device' if on_device else 'host     '}: trivial step "
             f"{trivial['host_us_per_step']:4.0f} us of host time per step "
             f"({trivial['host_us_per_step_between_checkpoints']:.0f} between checkpoints, "
             f"{trivial['checkpoint_ms']:.0f} ms a checkpoint; all in "
-            f"{trivial['all_in_us_per_step']:.0f}; bare {trivial['bare_us_per_step']:.0f} us)")
+            f"{trivial['all_in_us_per_step']:.0f}, main thread's CPU "
+            f"{trivial['all_in_thread_us_per_step']:.0f}; bare "
+            f"{trivial['bare_us_per_step']:.0f} us)")
     if (k, on_device) in resnet_settings:
-      resnet = measure(models.get('resnet8', 10, axis_name='batch'), 32, args.resnet_batch,
-                       args.steps, k, on_device, args.steps // 2, args.rounds)
+      resnet = resnet_ratio(args.steps, args.resnet_batch, k, on_device, args.rounds)
       result[f'resnet8_batch{args.resnet_batch}'].append(resnet)
-      line += (f"; ResNet-8 loop / bare {resnet['ratio']:.3f} ({resnet['loop_images_per_s']:.0f}"
-               f" against {resnet['bare_images_per_s']:.0f} img/s)")
+      line += (f"; ResNet-8 loop / bare {resnet['ratio']:.3f} (rounds "
+               + ' '.join(f'{r:.3f}' for r in resnet['ratios'])
+               + f"; whole phase {resnet['phase_ratio']:.3f}; bare "
+               f"{resnet['bare_images_per_s']:.0f} img/s)")
     print(line, flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(result, f, indent=1)
+    if args.out:  # After each setting: a run cut short keeps what it measured.
+      with open(args.out, 'w') as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == '__main__':

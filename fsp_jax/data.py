@@ -112,20 +112,25 @@ def host_slice(global_batch: int, process_index: int, process_count: int) -> sli
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The order [num_examples] in which an epoch visits the training examples."""
   order = np.random.default_rng([seed, epoch]).permutation(num_examples)
   order.flags.writeable = False
   return order
 
 
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Full batches per epoch (the last partial batch is dropped)."""
+  if global_batch > num_examples:
+    raise ValueError(f'The batch size {global_batch} exceeds the {num_examples} training examples.')
+  return num_examples // global_batch
+
+
 def train_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
   """Example indices [global_batch] of a training step: epochs of fresh permutations."""
-  steps_per_epoch = num_examples // global_batch
-  if steps_per_epoch == 0:
-    raise ValueError(f'The batch size {global_batch} exceeds the {num_examples} training examples.')
-  epoch, position = divmod(step, steps_per_epoch)
-  return _epoch_order(num_examples, seed, epoch)[position * global_batch:
-                                                 (position + 1) * global_batch]
+  epoch, position = divmod(step, steps_per_epoch(num_examples, global_batch))
+  return epoch_order(num_examples, seed, epoch)[position * global_batch:
+                                                (position + 1) * global_batch]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ local device. A step's batch is then gathered on the device from the example ind
 `data.train_indices`, the host pipeline's (seed, step) order, and augmented there with the
 same augmentation: pad 4 and a random crop, or a random crop of the resized image, and a random
 flip, each example's choices drawn from a jax.random key folded from (seed, step, example).
-The host's work per call is a slice of the epoch's permutation, which it caches.
+The host places each epoch's order once (`Epochs`); the device finds a step's indices in it
+from the step in the train state, so that a call needs nothing new from the host.
 
 Every local device holds the whole split, so that it can gather any example of a global batch
 without communicating; a split that does not fit stays on the host (`data.train_batches`).
@@ -55,25 +56,46 @@ def place(images: np.ndarray, labels: np.ndarray, teacher_fsp: tuple | None = No
   return Placed(*jax_utils.replicate((images, labels, teacher_fsp)))
 
 
-def calls(num_examples: int, global_batch: int, seed: int, start: int, end: int,
-          steps_per_call: int):
-  """The inputs of each call of steps start .. end - 1, `steps_per_call` steps a call: this
-  host's {'indices': [devices, steps, b], 'step': [devices, steps], 'seed': [devices]}."""
-  devices, k = jax.local_device_count(), steps_per_call
+class Epochs(NamedTuple):
+  """The example orders that a call's steps read, on every local device: orders [devices, E, N]
+  of epochs first .. first + E - 1 (`data.epoch_order`), first [devices], each device's
+  positions in every global batch [devices, b], the global batch [devices] and the seed
+  [devices]."""
+  orders: np.ndarray
+  first: np.ndarray
+  positions: np.ndarray
+  global_batch: np.ndarray
+  seed: np.ndarray
+
+
+def epochs(num_examples: int, global_batch: int, seed: int, start: int, end: int,
+           steps_per_call: int):
+  """The `Epochs` of each call of steps start .. end - 1, `steps_per_call` steps a call, on
+  the host: one object for every call that the same epochs cover."""
+  devices, per_epoch = jax.local_device_count(), data.steps_per_epoch(num_examples, global_batch)
+  count = (steps_per_call - 1) // per_epoch + 2  # Epochs that any call's steps can span.
   part = data.host_slice(global_batch, jax.process_index(), jax.process_count())
-  for first in range(start, end, k):
-    yield {'indices': call_indices(num_examples, global_batch, seed, first, k, part, devices),
-           'step': np.broadcast_to(np.arange(first, first + k, dtype=np.int32), (devices, k)),
-           'seed': np.full(devices, seed, np.int32)}
+  positions = np.arange(part.start, part.stop, dtype=np.int32).reshape(devices, -1)
+  window = None
+  for first in range(start, end, steps_per_call):
+    epoch = first // per_epoch
+    if window is None or (first + steps_per_call - 1) // per_epoch >= window.first[0] + count:
+      orders = np.stack([data.epoch_order(num_examples, seed, e)
+                         for e in range(epoch, epoch + count)]).astype(np.int32)
+      window = Epochs(np.broadcast_to(orders, (devices,) + orders.shape), _each(devices, epoch),
+                      positions, _each(devices, global_batch), _each(devices, seed))
+    yield window
 
 
-def call_indices(num_examples: int, global_batch: int, seed: int, first_step: int,
-                 num_steps: int, part: slice, num_devices: int) -> np.ndarray:
-  """The example indices [devices, steps, b] of this host's part of steps first_step ..
-  first_step + num_steps - 1: the host pipeline's order (`data.train_indices`)."""
-  indices = np.stack([data.train_indices(num_examples, global_batch, seed, step)[part]
-                      for step in range(first_step, first_step + num_steps)])
-  return indices.reshape(num_steps, num_devices, -1).transpose(1, 0, 2).astype(np.int32)
+def _each(devices: int, value: int) -> np.ndarray:
+  return np.full(devices, value, np.int32)
+
+
+def step_indices(epochs: Epochs, step) -> jnp.ndarray:
+  """One device's example indices [b] of a step (epochs holds one device's arrays: inside
+  pmap): its part of `data.train_indices`."""
+  epoch, position = jnp.divmod(step, epochs.orders.shape[-1] // epochs.global_batch)
+  return epochs.orders[epoch - epochs.first, position * epochs.global_batch + epochs.positions]
 
 
 def augment(preprocess: data.Preprocess, images: jnp.ndarray, keys: jax.Array,

@@ -133,38 +133,36 @@ def train_step(state: TrainState, batch: dict, teacher_variables, *, student, te
 
 @functools.cache
 def make_train_step(student: Student, teacher: Student | None, phase: Phase,
-                    tx: optax.GradientTransformation, on_device: data.Preprocess | None = None):
-  """`train_step` pmapped over the local devices, as many steps a call as its inputs hold (a
-  lax.scan): (state, inputs, teacher_variables, placed) -> (state, metrics), every array with
-  a leading [devices] axis, metrics [devices, steps] averaged over the devices. The state is
-  donated.
+                    tx: optax.GradientTransformation, on_device: data.Preprocess | None = None,
+                    steps_per_call: int = 1):
+  """`train_step` pmapped over the local devices, `steps_per_call` steps a call (a lax.scan):
+  (state, inputs, teacher_variables, placed) -> (state, metrics), every array with a leading
+  [devices] axis, metrics [devices, steps] averaged over the devices. The state is donated.
 
   inputs are the call's batches stacked [devices, steps, b, ...] (placed None), or, for a split
-  placed on the devices (`device_data.Placed`), {'indices': [devices, steps, b], 'step':
-  [devices, steps], 'seed': [devices]}, from which each step's batch is gathered and
-  augmented there with `on_device` (the experiment's `data.Preprocess`).
+  placed on the devices (`device_data.Placed`), the `device_data.Epochs` that the call's steps
+  read, each step's batch gathered from them at the state's step and augmented there with
+  `on_device` (the experiment's `data.Preprocess`).
   """
 
-  def one_step(state, xs, teacher_variables, placed):
+  def one_step(state, batch, teacher_variables, placed, epochs):
     if on_device is not None:
-      indices, step, seed = xs
-      xs = device_data.gather(placed, on_device, seed, step, indices,
-                              random=not phase.cached_fsp)
-    state, metrics, _ = train_step(state, xs, teacher_variables, student=student,
+      batch = device_data.gather(placed, on_device, epochs.seed, state.step,
+                                 device_data.step_indices(epochs, state.step),
+                                 random=not phase.cached_fsp)
+    state, metrics, _ = train_step(state, batch, teacher_variables, student=student,
                                    teacher=teacher, phase=phase, tx=tx)
     return state, metrics
 
   def call(state, inputs, teacher_variables, placed):
-    if on_device is not None:
-      seeds = jnp.broadcast_to(inputs['seed'], inputs['step'].shape)
-      inputs = (inputs['indices'], inputs['step'], seeds)
-    if jax.tree_util.tree_leaves(inputs)[0].shape[0] == 1:
+    batches, epochs = (None, inputs) if on_device is not None else (inputs, None)
+    body = lambda s, batch: one_step(s, batch, teacher_variables, placed, epochs)
+    if steps_per_call == 1:
       # One step, no loop: XLA:CPU runs convolution gradients inside a loop body about 20x
       # slower (jax-ml/jax#12868), and a CPU run has no host time to save.
-      state, metrics = one_step(state, jax.tree_util.tree_map(lambda x: x[0], inputs),
-                                teacher_variables, placed)
+      state, metrics = body(state, jax.tree_util.tree_map(lambda x: x[0], batches))
       return state, jax.tree_util.tree_map(lambda m: m[None], metrics)
-    return lax.scan(lambda s, xs: one_step(s, xs, teacher_variables, placed), state, inputs)
+    return lax.scan(body, state, batches, length=steps_per_call)
 
   return jax.pmap(call, axis_name='batch', donate_argnums=(0,))
 

@@ -216,24 +216,37 @@ def call_inputs(ctx: Context, run: Run, phase: Phase, start: int):
   """The inputs of every call of the phase from step `start` on, on the local devices."""
   config = ctx.config
   if ctx.placed is not None:
-    return _on_devices(device_data.calls(len(ctx.train_source), config.batch_size,
-                                         run.seed(config), start, phase.steps,
-                                         config.steps_per_call), ahead=2)
+    return _placed_once(device_data.epochs(len(ctx.train_source), config.batch_size,
+                                           run.seed(config), start, phase.steps,
+                                           config.steps_per_call))
   return _on_devices(data.grouped(_host_batches(ctx, run, phase, start),
                                   config.steps_per_call), ahead=2)
+
+
+def _sharded_over_local_devices() -> jax.sharding.NamedSharding:
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
 
 
 def _on_devices(inputs, ahead: int):
   """Inputs [devices, ...] placed on the local devices (one device_put each, asynchronous),
   `ahead` of the call that reads them."""
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
-  placed = collections.deque()
+  sharding, placed = _sharded_over_local_devices(), collections.deque()
   for item in inputs:
     placed.append(jax.device_put(item, sharding))
     if len(placed) > ahead:
       yield placed.popleft()
   yield from placed
+
+
+def _placed_once(inputs):
+  """Inputs [devices, ...] on the local devices, each object placed once however many calls
+  it serves."""
+  sharding, last, placed = _sharded_over_local_devices(), None, None
+  for item in inputs:
+    if item is not last:
+      last, placed = item, jax.device_put(item, sharding)
+    yield placed
 
 
 def phase_optimizer(config, phase: Phase) -> optax.GradientTransformation:
@@ -266,7 +279,7 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
       'no checkpoint of this phase was saved yet'
   k = config.steps_per_call
   train_step = steps.make_train_step(run.student, run.teacher, phase, tx, (
-      ctx.preprocess if ctx.placed is not None else None))
+      ctx.preprocess if ctx.placed is not None else None), k)
   log_due, save_due = Every(config.log_every, phase.steps), Every(config.checkpoint_every,
                                                                   phase.steps)
   # The end of a run is evaluated once, by train_net.

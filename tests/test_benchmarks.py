@@ -24,7 +24,9 @@ def test_accelerator_script_writes_every_measurement(tmp_path):
     assert all(row['ours_images_per_s'] > 0 for row in run['rows'])
   settings = [(m['steps_per_call'], m['on_device']) for m in result['loop']['trivial_batch8']]
   assert settings == [(1, False), (8, True)]
-  assert all(m['bare_s'] > 0 and m['loop_s'] > 0 for m in result['loop']['resnet8_batch8'])
+  for m in result['loop']['resnet8_batch8']:
+    assert len(m['ratios']) == 1 and m['ratio'] > 0 and m['phase_ratio'] > 0
+    assert all(len(times) == 1 and times[0] > 0 for times in m['rounds'].values())
   assert result['complete']
   assert [run['on_device'] for run in result['training']] == [True, False]
   for run in result['training']:

@@ -95,9 +95,26 @@ def test_device_batches_are_a_pure_function_of_seed_and_step():
   np.testing.assert_array_equal(first['label'], source.labels[indices])
   other = device_data.gather(placed, preprocess, 5, 9, jnp.asarray(indices))
   assert not np.array_equal(other['image'], first['image'])
-  calls = device_data.call_indices(len(source), 16, 5, 6, 3, slice(0, 16), 4)
-  assert calls.shape == (4, 3, 4)
-  np.testing.assert_array_equal(calls[:, 1].reshape(-1), indices)
+
+
+@pytest.mark.parametrize('process_index,process_count', [(0, 1), (1, 2)])
+def test_device_step_indices_are_the_host_pipelines_order(process_index, process_count,
+                                                          monkeypatch):
+  """Every step's indices found on each of the 4 devices in the epochs placed for its call
+  are its part of `data.train_indices`: 2 steps an epoch, calls of 3 steps spanning epochs,
+  one host of two. Mutation: positions of the first host on the second."""
+  monkeypatch.setattr(jax, 'process_index', lambda: process_index)
+  monkeypatch.setattr(jax, 'process_count', lambda: process_count)
+  windows = list(device_data.epochs(40, 16, 5, 3, 15, 3))
+  assert len(windows) == 4 and len({id(w) for w in windows}) < 4  # Placed less than per call.
+  find = jax.jit(device_data.step_indices)
+  per_device = 16 // process_count // 4
+  for call, window in enumerate(windows):
+    for step in range(3 + 3 * call, 6 + 3 * call):
+      expected = data.train_indices(40, 16, 5, step).reshape(process_count, 4, per_device)
+      for device in range(4):
+        one = jax.tree_util.tree_map(lambda x, d=device: x[d], window)
+        np.testing.assert_array_equal(find(one, step), expected[process_index, device])
 
 
 def _tiny(**changes):
