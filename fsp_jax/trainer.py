@@ -183,14 +183,24 @@ def _report_eval(where: str, step: int, metrics: dict, writer: logs.Writer) -> N
   writer.scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
 
 
-def _check_finite(fetched: list[dict], first_step: int, where: str, last_saved: str) -> None:
-  """Stops the run, naming the step and terms, at the first NaN/Inf in fetched metrics."""
-  for step, metrics in enumerate(fetched, first_step):
-    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-    if bad:
-      raise FloatingPointError(
-          f'[{where}] step {step}: non-finite ' + ', '.join(f'{k} = {v}' for k, v in bad.items())
-          + f'; {last_saved}. Lower this phase\'s learning rates or check the teacher.')
+def _fetched(pending: list[dict]) -> dict[str, np.ndarray]:
+  """The pending calls' metrics [devices, k] on the host, each [steps] (device 0's: they are
+  averaged over the devices)."""
+  host = jax.device_get(pending)
+  return {name: np.concatenate([m[name][0] for m in host]) for name in host[0]}
+
+
+def _check_finite(metrics: dict[str, np.ndarray], first_step: int, where: str,
+                  last_saved: str) -> None:
+  """Stops the run, naming the step and terms, at the first NaN/Inf in metrics [steps]."""
+  finite = np.all([np.isfinite(v) for v in metrics.values()], axis=0)
+  if not finite.all():
+    i = int(np.argmin(finite))
+    bad = {name: float(v[i]) for name, v in metrics.items() if not np.isfinite(v[i])}
+    raise FloatingPointError(
+        f'[{where}] step {first_step + i}: non-finite '
+        + ', '.join(f'{k} = {v}' for k, v in bad.items())
+        + f'; {last_saved}. Lower this phase\'s learning rates or check the teacher.')
 
 
 def _host_batches(ctx: Context, run: Run, phase: Phase, start: int):
@@ -287,27 +297,38 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
   try:
     inputs = call_inputs(ctx, run, phase, start)
     replicated = steps.replicate(state)
-    progress, pending = logs.Progress(where, start, phase.steps, config.batch_size), []
-    for first in range(start, phase.steps, k):
-      replicated, metrics = train_step(replicated, next(inputs), run.teacher_variables,
-                                       ctx.placed)
-      pending.append(metrics)
-      done = first + k
-      log, save = log_due(done), save_due(done)
-      stop = preemption_requested(sync_point=log or save)
-      if log or save or stop:  # The only points where the host waits for the device.
-        fetched = [{name: float(v[0, j]) for name, v in m.items()}
-                   for m in jax.device_get(pending) for j in range(k)]
-        _check_finite(fetched, done - len(fetched) + 1, where, last_saved)
-        pending = []
+    progress, pending, deferred = logs.Progress(where, start, phase.steps,
+                                                config.batch_size), [], None
+
+    def report(done: int, pending: list[dict], log: bool) -> None:
+      """Fetches the pending calls' metrics (the host waits for the device here, and only
+      here), checks them, and logs the last step's if `log`."""
+      fetched = _fetched(pending)
+      _check_finite(fetched, done - len(fetched['loss']) + 1, where, last_saved)
       if log:
-        metrics = fetched[-1]
+        metrics = {name: float(v[-1]) for name, v in fetched.items()}
         rate = progress.report(done, {name: v for name, v in metrics.items() if name != 'lr'})
         writer.scalars(offset + done, {**{f'{phase.name}/{name}': v
                                           for name, v in metrics.items()},
                                        'train/images_per_s': rate})
         history.train.append([offset + done, phase.name, metrics['loss']])
-      if eval_due(done):
+
+    for first in range(start, phase.steps, k):
+      replicated, metrics = train_step(replicated, next(inputs), run.teacher_variables,
+                                       ctx.placed)
+      if deferred:  # The last call's log step, reported while the device runs this call.
+        report(*deferred, log=True)
+        deferred = None
+      pending.append(metrics)
+      done = first + k
+      log, save, evaluates = log_due(done), save_due(done), eval_due(done)
+      stop = preemption_requested(sync_point=log or save)
+      if save or stop or evaluates:
+        report(done, pending, log)
+        pending = []
+      elif log:  # Reported after the next call is dispatched: the device never waits for it.
+        deferred, pending = (done, pending), []
+      if evaluates:
         result, _, _ = evaluate(run.student, replicated.variables(), ctx.eval_source,
                                 ctx.preprocess, config.eval_batch_size)
         _report_eval(where, offset + done, result, writer)
