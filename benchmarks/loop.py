@@ -119,11 +119,12 @@ def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int
     jax.block_until_ready(metrics)
     found = {name: [] for name in ('bare_s', 'loop_s', 'bare_thread_s', 'loop_thread_s',
                                    'bare_steady_s', 'loop_steady_s')}
+    log_due = trainer.Every(log_every, steps_count)  # The loop's log steps.
     for r in range(rounds):
       start, thread, times = time.perf_counter(), time.thread_time(), []
       for first in range(0, steps_count, k):
         replicated, metrics = call(replicated, inputs, None, ctx.placed)
-        if (first + k) % log_every == 0:
+        if log_due(first + k):
           jax.block_until_ready(metrics)
           times.append(time.perf_counter())
       jax.block_until_ready(metrics)
