@@ -11,9 +11,11 @@ the training library (whose `results` module writes every run's own table).
 
 import argparse
 import os
+from typing import NamedTuple
 
 from matplotlib.figure import Figure  # Not pyplot: a notebook's backend stays the user's.
 import numpy as np
+from scipy import stats
 
 from fsp_jax import methods
 from fsp_jax.layout import Layout
@@ -50,6 +52,10 @@ PAPER = {
 # iterations give; shuffled FSP against it, what a stage 1 without the teacher's flow gives.
 CONTROLS = [('fsp', 'scratch'), ('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled'),
             ('scratch_matched', 'scratch'), ('fsp_shuffled', 'scratch_matched')]
+# The primary claims of every table, which decide its verdict (Holm's correction is applied
+# over them): FSP against the student alone with FSP's total iterations, and against its
+# shuffled control. The rest are secondary, each tested at 5% on its own.
+PRIMARY = [('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled')]
 CLAIMS = {
     'table1': CONTROLS + [('fitnet', 'scratch'), ('fsp', 'fitnet')],
     'table3': CONTROLS + [('fitnet', 'scratch'), ('fsp', 'fitnet'), ('fsp', 'kd'), ('fsp', 'at'),
@@ -83,24 +89,28 @@ def _mean_curve(ax, method: str, curves: list[tuple]) -> None:
 
 
 def plot_accuracy(run: dict, title: str, path: str) -> None:
-  """Test accuracy and training loss vs task-stage iteration, for every method's nets."""
+  """Test accuracy and the task stage's training loss vs iteration (stage 1 included), for
+  every method's nets; a dashed line where a two-stage method's task stage begins."""
   fig = Figure(figsize=(12, 4.5))
   accuracy_ax, loss_ax = fig.subplots(1, 2)
   for method, results in run['results'].items():
     accuracy, loss = [], []
     for result in results:
       offset, history = _task_offset(result['history']), result['history']
-      accuracy.append(tuple(zip(*[(s - offset, 100 * a) for s, a in history['eval']])))
-      loss.append(tuple(zip(*[(s - offset, value) for s, phase, value in history['train']
+      accuracy.append(tuple(zip(*[(s, 100 * a) for s, a in history['eval']])))
+      loss.append(tuple(zip(*[(s, value) for s, phase, value in history['train']
                               if s > offset])))
     if results:
       _mean_curve(accuracy_ax, method, accuracy)
       _mean_curve(loss_ax, method, loss)
+      offset = _task_offset(results[0]['history'])
+      for ax in (accuracy_ax, loss_ax) if offset else ():
+        ax.axvline(offset, color=_color(method), ls='--', lw=1, alpha=0.7)
   accuracy_ax.set_ylabel('test accuracy (%)')
   loss_ax.set_ylabel('training loss of the task stage (at log steps)')
   loss_ax.set_yscale('log')
   for ax in (accuracy_ax, loss_ax):
-    ax.set_xlabel('iteration of the task stage (after any stage 1)')
+    ax.set_xlabel('iteration, stage 1 included (dashed: where the task stage begins)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(title)
@@ -119,7 +129,7 @@ def plot_fsp_loss(run: dict, learners: list[str], title: str, path: str) -> None
               label=_label(method) if k == 0 else None)
   ax.set_yscale('log')
   ax.set_xlabel('stage-1 iteration')
-  ax.set_ylabel('stage-1 loss (weight x relative FSP error, summed over stages)')
+  ax.set_ylabel('stage-1 loss\n(weight x relative FSP error, summed over stages)')
   ax.set_title(title)
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
@@ -175,42 +185,95 @@ def comparison_table(rows: list[dict], paper: dict) -> str:
   return '\n'.join(lines)
 
 
-def verdict(differences: list[float]) -> str:
-  """'held' where every seed's difference is positive and their mean exceeds twice its
-  standard error, 'did not hold' where the same is true of the opposite, else 'within the
-  seeds' spread'."""
-  mean = np.mean(differences)
-  standard_error = np.std(differences, ddof=1) / np.sqrt(len(differences))
-  if mean > 2 * standard_error and min(differences) > 0:
-    return 'held'
-  if mean < -2 * standard_error and max(differences) < 0:
-    return 'did not hold'
-  return "within the seeds' spread"
+class Paired(NamedTuple):
+  """A paired t-test of seed-paired differences (points): their mean, its 95% interval
+  (Student's t with n - 1 degrees of freedom), t and the two-sided p."""
+  n: int
+  mean: float
+  low: float
+  high: float
+  t: float
+  p: float
+
+
+def paired_test(differences: list[float], confidence: float = 0.95) -> Paired:
+  """The paired t-test of `differences` (one per seed, at least two)."""
+  d = np.asarray(differences, dtype=np.float64)
+  n, mean = len(d), float(np.mean(d))
+  standard_error = float(np.std(d, ddof=1) / np.sqrt(n))
+  half = stats.t.ppf((1 + confidence) / 2, n - 1) * standard_error
+  if standard_error == 0:  # Every seed the same: no spread to test against.
+    t = 0.0 if mean == 0 else np.copysign(np.inf, mean)
+  else:
+    t = mean / standard_error
+  return Paired(n, mean, mean - half, mean + half, float(t), float(2 * stats.t.sf(abs(t), n - 1)))
+
+
+def holm(p_values: list[float]) -> list[float]:
+  """Holm's step-down adjustment of a family's p-values, in their order: the i-th smallest of m
+  is multiplied by m - i + 1 (i from 1), made monotone and capped at 1."""
+  order = np.argsort(p_values, kind='stable')
+  adjusted, running = [0.0] * len(p_values), 0.0
+  for rank, index in enumerate(order):
+    running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+    adjusted[index] = running
+  return adjusted
+
+
+def tied_ensembles(rows: list[dict], examples: int) -> str:
+  """A footnote naming rows whose ensembles are equally accurate (by coincidence: the same
+  number of the `examples` test images right), or ''."""
+  by_accuracy = {}
+  for row in rows:
+    if row.get('ensemble') is not None:
+      by_accuracy.setdefault(round(row['ensemble'] * examples), []).append(row['method'])
+  return ' '.join(
+      f'Note: the ensembles of {" and ".join(_label(m) for m in tied)} are equally accurate '
+      f'({percent(right / examples)}%, {right:,} of {examples:,} test images right each), by '
+      'coincidence.' for right, tied in by_accuracy.items() if len(tied) > 1)
+
+
+def verdict(mean: float, p: float, alpha: float = 0.05) -> str:
+  """'held' where the difference is positive at level alpha (its 1 - alpha interval excludes
+  zero), 'did not hold' where it is negative at that level, else 'within the spread'."""
+  if p < alpha:
+    return 'held' if mean > 0 else 'did not hold'
+  return 'within the spread'
+
+
+def _p(p: float) -> str:
+  return '< .001' if p < 0.001 else f'= {p:.3f}'.replace('0.', '.', 1)
 
 
 def claim_lines(rows: list[dict], paper: dict, claims: list[tuple[str, str]]) -> list[str]:
-  """One line per claim (method, than) whose two rows are present: its verdict, the
-  difference of the averages (and the paper's), the seed-paired differences (net k of each row
-  shares seed k) with their mean and standard error, and the rows' iterations."""
+  """One line per claim (method, than) whose two rows are present, primary claims first: its
+  verdict, the seed-paired differences (net k of each row shares seed k) with their mean, 95%
+  interval, t and p (Holm-adjusted over the table's primary claims, which decide its
+  verdicts), the difference of the averages (and the paper's) and the rows' iterations."""
   by_method = {row['method']: row for row in rows}
+  present = [(m, than) for m, than in claims if m in by_method and than in by_method]
+  paired = {claim: [100 * (x - y) for x, y in zip(by_method[claim[0]]['nets'],
+                                                  by_method[claim[1]]['nets'])]
+            for claim in present}
+  tests = {claim: paired_test(d) for claim, d in paired.items() if len(d) > 1}
+  primary = [claim for claim in PRIMARY if claim in tests]
+  adjusted = dict(zip(primary, holm([tests[claim].p for claim in primary])))
   lines = []
-  for method, than in claims:
-    if method not in by_method or than not in by_method:
-      continue
-    a, b = by_method[method], by_method[than]
-    paired = [100 * (x - y) for x, y in zip(a['nets'], b['nets'])]
+  for claim in primary + [c for c in present if c not in primary]:
+    (method, than), a, b = claim, by_method[claim[0]], by_method[claim[1]]
     line = f'- {_label(method)} > {_label(than)}'
-    if len(paired) > 1:
-      line += f': **{verdict(paired)}**'
-    line += f' ({100 * (a["avg"] - b["avg"]):+.2f} points'
+    if claim in tests:
+      test = tests[claim]
+      p = adjusted.get(claim, test.p)
+      line += f' ({"primary" if claim in adjusted else "secondary"}): **{verdict(test.mean, p)}**'
+      line += (f' (Holm-adjusted p {_p(p)}); ' if claim in adjusted else '; ')
+      line += (f'paired mean {test.mean:+.2f} points, 95% interval {test.low:+.2f} to '
+               f'{test.high:+.2f}, t({test.n - 1}) = {test.t:.2f}, p {_p(test.p)}; per seed '
+               f'{", ".join(f"{d:+.2f}" for d in paired[claim])}')
+    else:
+      line += f': {paired[claim][0]:+.2f} points (one net each, no test)'
     if method in paper and than in paper:
       line += f'; paper {paper[method][3] - paper[than][3]:+.2f}'
-    line += ')'
-    if len(paired) > 1:
-      standard_error = np.std(paired, ddof=1) / np.sqrt(len(paired))
-      line += (f'; per seed {", ".join(f"{d:+.2f}" for d in paired)} (mean '
-               f'{np.mean(paired):+.2f} +- {standard_error:.2f}, higher in '
-               f'{sum(d > 0 for d in paired)} of {len(paired)})')
     line += f'; #Iter {iterations(a["iterations"])} against {iterations(b["iterations"])}'
     lines.append(line)
   if TEACHER in by_method:
@@ -234,15 +297,20 @@ def table_section(name: str, workdir: str, out_dir: str) -> list[str]:
            f'{data["root"] or data["name"]}{subset}, image size {data["image_size"]}, batch '
            f'{config["batch_size"]}; seeds {config["seed"]}..'
            f'{config["seed"] + config["num_nets"] - 1} (net k uses seed + k - 1). Accuracy in %; '
-           '#Iter is one net\'s iterations, stage 1 included, as in the paper; Wall the time '
+           '#Iter is one net\'s iterations, stage 1 included; the paper\'s #Iter counts the '
+           'three nets of a row together (its teacher\'s 192k = 3 x 64k); Wall is the time '
            'of all the nets of a row.\n',
            comparison_table(run['rows'], paper) + '\n']
+  tied = tied_ensembles(run['rows'], len(np.load(Layout(workdir).test_labels)))
+  if tied:
+    parts.append(tied + '\n')
   lines = claim_lines(run['rows'], paper, CLAIMS[name])
   if lines:
-    parts += ['Each claim, by the seed-paired differences in points (held: every seed agrees '
-              'and the mean exceeds twice its standard error; did not hold: the same, the other '
-              'way):\n', '\n'.join(lines) + '\n']
-  plot_accuracy(run, f'{name}: test accuracy and training loss during the task stage',
+    parts += ['Each claim, by the seed-paired differences in points and a paired t-test '
+              '(held: the 95% interval of the mean difference excludes zero, above it; did not '
+              'hold: the same, below; primary claims after Holm\'s correction over the '
+              'table\'s primary claims):\n', '\n'.join(lines) + '\n']
+  plot_accuracy(run, f'{name}: test accuracy, and training loss during the task stage',
                 os.path.join(out_dir, f'{name}_accuracy.png'))
   parts.append(f'![test accuracy]({name}_accuracy.png)\n')
   layout = Layout(workdir)

@@ -72,9 +72,20 @@ def _students(rows: list[dict]) -> list[dict]:
   return [row for row in rows if row['method'] != methods.TEACHER.name]
 
 
+def _stretched(rows: list[dict]) -> list[dict]:
+  """The method rows whose task stage is longer than the shortest (a schedule stretched to
+  another total, like the student alone for FSP's iterations): at the same task iteration
+  they are at another point of their warm-up and decay, so the early column leaves them out."""
+  trained = [row for row in _students(rows) if row.get('task_iterations') is not None]
+  shortest = min((row['task_iterations'] for row in trained), default=None)
+  return [row for row in trained if row['task_iterations'] != shortest]
+
+
 def _early_iteration(rows: list[dict]) -> int | None:
-  """The task iteration at which every method's row was first evaluated, if they share one."""
-  trained = _students(rows)
+  """The task iteration at which every method's row with the table's task schedule was first
+  evaluated, if they share one."""
+  stretched = _stretched(rows)
+  trained = [row for row in _students(rows) if row not in stretched]
   steps = {tuple(row['early'])[0] if row.get('early') else None for row in trained}
   return steps.pop() if trained and len(steps) == 1 and None not in steps else None
 
@@ -83,7 +94,7 @@ def markdown_table(rows: list[dict]) -> str:
   """Accuracies in %, a column per net, like the paper's Table 1; where every row was
   evaluated early in its task stage at the same iteration N, the average then ('Avg @N')."""
   nets = max(len(row['nets']) for row in rows)
-  early = _early_iteration(rows)
+  early, stretched = _early_iteration(rows), _stretched(rows)
   head = (['Method', 'Model'] + [f'Net {k + 1}' for k in range(nets)] +
           ([f'Avg @{early}'] if early else []) + ['Avg', 'Ens', '#Iter', 'Wall'])
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -91,8 +102,8 @@ def markdown_table(rows: list[dict]) -> str:
     cells = [row['method'] + (' *' if row.get('other_settings') else ''), row['model']]
     cells += [percent(a) for a in row['nets']] + ['-'] * (nets - len(row['nets']))
     if early:
-      student = row['method'] != methods.TEACHER.name  # The column compares the students.
-      cells.append(percent(row['early'][1]) if student and row.get('early') else '-')
+      compared = row['method'] != methods.TEACHER.name and row not in stretched
+      cells.append(percent(row['early'][1]) if compared and row.get('early') else '-')
     cells += [percent(row['avg']), percent(row['ensemble']), iterations(row['iterations']),
               f"{row['wall_s'] / 60:.1f} min"]
     lines.append('| ' + ' | '.join(cells) + ' |')
@@ -108,12 +119,16 @@ def summary(rows: list[dict]) -> str:
   trained = _students(rows)
   if not trained:
     return ''
-  early = _early_iteration(rows)
+  early, stretched = _early_iteration(rows), _stretched(rows)
   line = ('#Iter counts each net\'s iterations, any stage before its task included. '
           'Average test accuracy')
   if early:
     line += f' after {early} task iterations: ' + ', '.join(
-        f"{row['method']} {percent(row['early'][1])}%" for row in trained)
+        f"{row['method']} {percent(row['early'][1])}%" for row in trained
+        if row not in stretched)
+    if stretched:
+      line += (' (not ' + ', '.join(row['method'] for row in stretched) + ': a task schedule '
+               'stretched to more iterations is at another point of its warm-up and decay then)')
     line += '; at the end'
   tasks = {row.get('task_iterations') for row in trained}
   if len(tasks) == 1 and None not in tasks:

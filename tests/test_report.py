@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats
 
 from configs import common
 from fsp_jax import config as config_lib
@@ -37,10 +38,10 @@ def test_report_has_tables_beside_the_paper_and_plots(workdir, tmp_path):
     text = f.read()
   assert '| Method | Model | Net 1 | Net 2 | Avg | Ens | #Iter | Wall | Paper Avg |' in text
   assert '| FSP | resnet8 |' in text and '| 92.14 | 93.26 | 84k |' in text  # The paper's row.
-  assert re.search(r"- FSP > Student alone: \*\*(held|did not hold|within the seeds' spread)"
-                   r'\*\* \([+-]\d+\.\d\d points; paper \+1\.50\); per seed [+-]\d+\.\d\d, '
-                   r'[+-]\d+\.\d\d \(mean [+-]\d+\.\d\d \+- \d+\.\d\d, higher in \d of 2\); '
-                   r'#Iter 6 against 3', text), text
+  assert re.search(r'- FSP > Student alone \(secondary\): \*\*(held|did not hold|within the '
+                   r'spread)\*\*; paired mean [+-]\d+\.\d\d points, 95% interval [+-]\d+\.\d\d to '
+                   r'[+-]\d+\.\d\d, t\(1\) = -?\d+\.\d\d, p [=<] \.\d{3}; per seed [+-]\d+\.\d\d, '
+                   r'[+-]\d+\.\d\d; paper \+1\.50; #Iter 6 against 3', text), text
   assert "- The teacher's lead (" in text and 'FSP ' in text
   for name in ('table1_accuracy.png', 'table1_fsp_loss.png', 'table1_fsp_matrices.png'):
     assert f'({name})' in text
@@ -62,13 +63,51 @@ def test_report_rejects_unknown_tables_and_unfinished_workdirs(workdir, tmp_path
       report.main(['--out', str(tmp_path / 'r'), item])
 
 
+def test_paired_test_matches_scipy_and_the_t_table():
+  """Mean, 95% interval (t table: t(0.975, 2) = 4.302653) and p of a paired t-test, against
+  scipy's one-sample test and the interval worked by hand."""
+  differences = [1.88, 1.37, 2.23]
+  test = report.paired_test(differences)
+  mean, se = np.mean(differences), np.std(differences, ddof=1) / np.sqrt(3)
+  assert test.n == 3 and test.mean == pytest.approx(mean)
+  assert test.low == pytest.approx(mean - 4.302653 * se, abs=1e-5)
+  assert test.high == pytest.approx(mean + 4.302653 * se, abs=1e-5)
+  expected = stats.ttest_1samp(differences, 0.0)
+  assert test.t == pytest.approx(expected.statistic) and test.p == pytest.approx(expected.pvalue)
+  five = report.paired_test([0.5, -0.2, 0.4, 1.1, 0.3])  # t(0.975, 4) = 2.776445.
+  half = 2.776445 * np.std([0.5, -0.2, 0.4, 1.1, 0.3], ddof=1) / np.sqrt(5)
+  assert five.high - five.mean == pytest.approx(half, abs=1e-5)
+
+
+def test_holm_multiplies_the_ith_smallest_p_by_m_minus_i_plus_1_and_stays_monotone():
+  assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  assert report.holm([0.2, 0.6]) == pytest.approx([0.4, 0.6])
+  assert report.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # Capped at 1.
+
+
 @pytest.mark.parametrize('differences,expected', [
     ([3.1, 3.4, 2.7], 'held'), ([-1.0, -1.2, -0.9], 'did not hold'),
-    ([0.5, -0.2, 0.4], "within the seeds' spread"),
-    ([0.1, 3.0, 0.1], "within the seeds' spread"),  # Every seed agrees, the mean < 2 se.
+    ([0.5, -0.2, 0.4], 'within the spread'),
+    ([2.37, 1.61, 1.87], 'held'),   # t(2) = 8.7, p = .013.
+    ([-1.32, -0.09, -0.79], 'within the spread'),  # The old rule's edge: t(2) = -2.06, p = .18.
 ])
-def test_verdict_needs_every_seed_and_twice_the_standard_error(differences, expected):
-  assert report.verdict(differences) == expected
+def test_verdict_holds_where_the_95_interval_excludes_zero(differences, expected):
+  test = report.paired_test(differences)
+  assert report.verdict(test.mean, test.p) == expected
+  assert (expected == 'within the spread') == (test.low <= 0 <= test.high)
+
+
+def test_primary_claims_come_first_with_holms_correction():
+  """Table 5 as committed at three nets: FSP - shuffled is p = .100 alone, .200 after Holm."""
+  rows = [{'method': m, 'nets': nets, 'avg': float(np.mean(nets)), 'iterations': 7200}
+          for m, nets in (('scratch', [0.5959, 0.6095, 0.6059]),
+                          ('scratch_matched', [0.6243, 0.6271, 0.6346]),
+                          ('fsp', [0.6473, 0.6188, 0.6416]),
+                          ('fsp_shuffled', [0.6303, 0.5981, 0.6369]))]
+  lines = report.claim_lines(rows, {}, report.CLAIMS['table5'])
+  assert 'shuffled (dagger) (primary): **within the spread** (Holm-adjusted p = .200)' in lines[1]
+  assert lines[0].startswith("- FSP > Student alone, FSP's #Iter (primary)")
+  assert all('(secondary)' in line for line in lines[2:])
 
 
 def test_table_row_gives_one_nets_iterations_and_all_nets_wall_time():
@@ -109,6 +148,24 @@ def test_table_compares_the_students_after_the_same_task_iterations():
   line = results.summary([teacher, scratch, fsp])
   assert 'after 10 task iterations: scratch 25.00%, fsp 80.00%' in line
   assert '(40 task iterations): scratch 85.00%, fsp 90.00%' in line
+
+
+def test_early_column_leaves_out_a_row_with_a_stretched_task_schedule():
+  """The student alone for FSP's iterations trains its task for longer: at the other rows'
+  early iteration it is at another point of its schedule, so its cell is empty, saying why."""
+  labels = np.array([0, 1])
+  probs = [np.array([[0.9, 0.1], [0.2, 0.8]])] * 2
+  scratch = results.table_row(_finished('scratch', [0.9, 0.8], [0.2, 0.3], 40, 40), probs,
+                              labels)
+  fsp = results.table_row(_finished('fsp', [0.9, 0.9], [0.7, 0.9], 60, 40), probs, labels)
+  matched = results.table_row(_finished('scratch_matched', [0.9, 0.9], [0.1, 0.1], 60, 60),
+                              probs, labels)
+  table = results.markdown_table([scratch, fsp, matched])
+  cells = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in table.splitlines()[2:]}
+  assert '| Avg @10 |' in table and cells['scratch_matched'][4] == '-'
+  assert cells['fsp'][4] == '80.00'
+  line = results.summary([scratch, fsp, matched])
+  assert 'after 10 task iterations: scratch 25.00%, fsp 80.00% (not scratch_matched: ' in line
 
 
 def test_committed_report_is_what_the_committed_runs_and_notes_give(tmp_path):
