@@ -59,10 +59,12 @@ PRIMARY = [('fsp', 'scratch_matched'), ('fsp', 'fsp_shuffled')]
 CLAIMS = {
     'table1': CONTROLS + [('fitnet', 'scratch'), ('fsp', 'fitnet')],
     'table3': CONTROLS + [('fitnet', 'scratch'), ('fsp', 'fitnet'), ('fsp', 'kd'), ('fsp', 'at'),
-                          ('kd', 'scratch'), ('at', 'scratch')],
+                          ('kd', 'scratch'), ('at', 'scratch'), ('fsp', 'kd_matched'),
+                          ('fsp', 'at_matched'), ('fsp', 'fsp_random'),
+                          ('fsp_random', 'scratch_matched'), ('fsp_shuffled', 'fsp_random')],
     'table5': CONTROLS + [('fsp_shuffled', 'scratch'), ('fitnet', 'scratch'), ('fsp', 'fitnet'),
                           ('finetune', 'teacher_scratch'), ('fsp', 'teacher_scratch'),
-                          ('finetune', 'fsp')],
+                          ('finetune', 'fsp'), ('fsp', 'teacher_scratch_matched')],
 }
 
 

@@ -76,6 +76,8 @@ class Method:
     phases: config -> (Phase, ...).
     network: 'student' or 'teacher': the config section naming the network it trains.
     starts_from_teacher: its network starts from the teacher's weights (with a new head).
+    random_teacher: its loss terms read the teacher's network at its initialisation (net k's
+      own draw, BatchNorm statistics from training images) instead of the trained teacher.
     student: (config, backbone, its features, the teacher's features) -> the Student it
       trains; raises ValueError when the pair cannot be distilled.
     section, defaults, check: the config section it owns, that section's defaults, and a
@@ -87,6 +89,7 @@ class Method:
   phases: Callable[[ml_collections.ConfigDict], tuple[Phase, ...]]
   network: str = 'student'
   starts_from_teacher: bool = False
+  random_teacher: bool = False
   student: Callable[..., Student] = _plain
   section: str | None = None
   defaults: Callable[[], Any] | None = None
@@ -131,22 +134,38 @@ def _train(sched, *terms, ce_weight: float = 1.0) -> tuple[Phase, ...]:
   return (Phase('train', Schedule.of(sched), (Term('ce', (ce_weight,) * 2),) + terms),)
 
 
-def _matched_phases(config) -> tuple[Phase, ...]:
-  """The student alone for as many iterations as FSP's stage 1 and task stage together: the
-  task schedule (config.scratch) stretched to that length, its shape kept."""
-  sched = ml_collections.ConfigDict(config.scratch.to_dict())
-  total = Schedule.of(config.fsp.stage1).length + Schedule.of(config.fsp.stage2).length
-  schedules.scale(sched, total / Schedule.of(sched).length)
-  return _train(sched)
+def fsp_iterations(config) -> int:
+  """FSP's iterations in all: its stage 1 and task stage."""
+  return Schedule.of(config.fsp.stage1).length + Schedule.of(config.fsp.stage2).length
 
 
-def _fsp_phases(config, shuffled: bool = False) -> tuple[Phase, ...]:
+def stretched(phases: tuple[Phase, ...], total: int) -> tuple[Phase, ...]:
+  """A one-phase method's phases with its schedule stretched (or shortened) to `total`
+  iterations, its shape kept (schedules.scale)."""
+  (phase,) = phases
+  sched = ml_collections.ConfigDict(phase.schedule._asdict())
+  schedules.scale(sched, total / phase.steps)
+  return (dataclasses.replace(phase, schedule=Schedule.of(sched)),)
+
+
+def matched(method: 'Method', color: str) -> 'Method':
+  """`method` (of one phase) for FSP's total iterations: the control for FSP's extra
+  iterations at the same budget. It reads the config section of `method`."""
+  return dataclasses.replace(
+      method, name=f'{method.name}_matched', label=f"{method.label}, FSP's #Iter", color=color,
+      phases=lambda c: stretched(method.phases(c), fsp_iterations(c)), section=None,
+      defaults=None, check=None)
+
+
+def _fsp_phases(config, shuffled: bool = False, cache: bool = True) -> tuple[Phase, ...]:
+  """FSP's stage 1 and task stage; `shuffled`: on permuted teacher matrices; `cache`: stage 1
+  reads the trained teacher's cached matrices where config.fsp.cache says so."""
   c = config.fsp
   options = (('normalize', c.normalize), ('weights', c.stage_weights),
              ('shuffle_seed', c.shuffle_seed if shuffled else None))
   task = (Term('fsp', (c.task_weight,) * 2, options),) if c.task_weight else ()
   return (Phase('stage1', Schedule.of(c.stage1), (Term('fsp', (c.weight,) * 2, options + (
-      ('cached', c.cache),)),), c.max_grad_norm),
+      ('cached', c.cache and cache),)),), c.max_grad_norm),
           Phase('stage2', Schedule.of(c.stage2), (Term('ce'),) + task))
 
 
@@ -281,39 +300,46 @@ def _task_schedule():
 TEACHER = Method('teacher', 'Teacher', 'black', network='teacher',
                  phases=lambda c: _train(c.teacher.schedule))
 
+_SCRATCH = Method('scratch', 'Student alone', 'tab:gray', lambda c: _train(c.scratch),
+                 section='scratch', defaults=_task_schedule)
+# Hinton's knowledge distillation.
+_KD = Method('kd', 'KD', 'tab:green', lambda c: _train(c.kd.schedule, Term(
+    'kd', (c.kd.weight,) * 2, (('temperature', c.kd.temperature),)), ce_weight=c.kd.ce_weight),
+             section='kd', defaults=_kd_defaults, check=_check_kd)
+# Attention transfer (Zagoruyko & Komodakis, ICLR 2017): cross-entropy and the distance
+# between the normalised spatial attention maps of the stage outputs, in one stage.
+_AT = Method('at', 'Attention transfer', 'tab:olive', lambda c: _train(c.at.schedule, Term(
+    'at', (c.at.weight,) * 2)), student=_at_student, section='at', defaults=_at_defaults,
+             check=_check_at)
+_TEACHER_SCRATCH = Method('teacher_scratch', 'Teacher net, from scratch', 'tab:brown',
+                          lambda c: _train(c.scratch), network='teacher')
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     # The student trained alone: the paper's Teacher* / Student rows.
-    Method('scratch', 'Student alone', 'tab:gray', lambda c: _train(c.scratch),
-           section='scratch', defaults=_task_schedule),
+    _SCRATCH,
     # The control for FSP's extra iterations: the student alone, as long as FSP in all.
-    Method('scratch_matched', "Student alone, FSP's #Iter", 'tab:cyan', _matched_phases),
+    matched(_SCRATCH, 'tab:cyan'),
     # Stage 1 on the teacher's FSP matrices, then the task.
     Method('fsp', 'FSP', 'tab:blue', _fsp_phases, student=_fsp_student, section='fsp',
            defaults=_fsp_defaults, check=_check_fsp),
     # The paper's dagger ablation: the teacher's matrices with permuted rows and columns.
     Method('fsp_shuffled', 'FSP, shuffled (dagger)', 'tab:purple',
            lambda c: _fsp_phases(c, shuffled=True), student=_fsp_student),
+    # FSP from the teacher's network untrained: does any target of the teacher's shape help?
+    Method('fsp_random', 'FSP, random teacher', 'tab:pink',
+           lambda c: _fsp_phases(c, cache=False), student=_fsp_student, random_teacher=True),
     # FitNet: a hint stage (a regressor maps the guided layer to the hint), then KD.
     Method('fitnet', 'FitNet', 'tab:orange', _fitnet_phases, student=_fitnet_student,
            section='fitnet', defaults=_fitnet_defaults, check=_check_fitnet),
-    # Hinton's knowledge distillation.
-    Method('kd', 'KD', 'tab:green', lambda c: _train(c.kd.schedule, Term(
-        'kd', (c.kd.weight,) * 2, (('temperature', c.kd.temperature),)),
-                                                    ce_weight=c.kd.ce_weight),
-           section='kd', defaults=_kd_defaults, check=_check_kd),
-    # Attention transfer (Zagoruyko & Komodakis, ICLR 2017): cross-entropy and the distance
-    # between the normalised spatial attention maps of the stage outputs, in one stage.
-    Method('at', 'Attention transfer', 'tab:olive', lambda c: _train(c.at.schedule, Term(
-        'at', (c.at.weight,) * 2)), student=_at_student, section='at', defaults=_at_defaults,
-           check=_check_at),
+    _KD, matched(_KD, 'darkgreen'),
+    _AT, matched(_AT, 'goldenrod'),
     # Table 5's teacher rows: its network fine-tuned from its weights (a new classifier for a
     # teacher of other classes), and trained on the task alone with the student's schedule
     # (config.scratch).
     Method('finetune', 'Teacher net, fine-tuned', 'tab:red', lambda c: _train(c.finetune),
            network='teacher', starts_from_teacher=True, section='finetune',
            defaults=lambda: schedule((0.01, 0.001, 0.0001), (11_000, 16_000, 21_000))),
-    Method('teacher_scratch', 'Teacher net, from scratch', 'tab:brown',
-           lambda c: _train(c.scratch), network='teacher'),
+    _TEACHER_SCRATCH, matched(_TEACHER_SCRATCH, 'rosybrown'),
 )}
 
 

@@ -181,6 +181,18 @@ def make_eval_step(model: Student):
 
 
 @functools.cache
+def make_batch_stats_step(model: Student):
+  """A pmapped (variables, batch) -> variables whose BatchNorm running statistics took in the
+  batch's images [devices, b, S, S, 3] (training mode: batch statistics over all devices)."""
+
+  def step(variables, batch):
+    _, updated = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
+    return {**variables, 'batch_stats': updated['batch_stats']}
+
+  return jax.pmap(step, axis_name='batch')
+
+
+@functools.cache
 def make_mean_fsp(model: Student):
   """A jitted (variables, images [B, S, S, 3]) -> [mean FSP matrix [M, N] per stage], one
   device, eval mode."""

@@ -369,6 +369,30 @@ def initial_variables(ctx: Context, run: Run) -> dict:
   return variables
 
 
+# Batches whose statistics a random teacher's BatchNorm takes in: at momentum 0.9, 0.9**200
+# (1e-9) of its initial statistics remain.
+RANDOM_TEACHER_BATCHES = 200
+
+
+def random_teacher(ctx: Context, run: Run):
+  """The teacher's network at its initialisation, drawn from the net's seed (folded with 1, so
+  that a student of the teacher's architecture does not start equal to it), its BatchNorm
+  statistics set by RANDOM_TEACHER_BATCHES training batches: replicated variables whose FSP
+  matrices have the scale of real features."""
+  key = jax.random.fold_in(jax.random.key(run.seed(ctx.config)), 1)
+  variables = steps.replicate(jax.jit(steps.init_variables, static_argnums=(0, 2))(
+      run.teacher, key, ctx.config.data.image_size))
+  update = steps.make_batch_stats_step(run.teacher)
+  for batch in data.train_batches(ctx.train_source, ctx.preprocess, ctx.config.batch_size,
+                                  run.seed(ctx.config), num_steps=RANDOM_TEACHER_BATCHES):
+    variables = update(variables, data.shard({'image': batch['image']},
+                                             jax.local_device_count()))
+    # One call in flight: on XLA:CPU, dozens of queued calls with a cross-device mean starve
+    # its collectives' rendezvous (4 fake devices on 2 cores aborted after 40 s).
+    jax.block_until_ready(variables)
+  return variables
+
+
 class FspSnapshot:
   """The mean FSP matrices [M, N] per stage, on the first test images, of the teacher and of
   the student before and after its first stage: the report's heatmaps."""
@@ -449,6 +473,8 @@ def train_net(ctx: Context, run: Run) -> dict:
   if os.path.exists(files.result):
     return layout_lib.read_json(files.result, 'a finished net\'s result')
   _claim(files, run.method.settings(config), run.label)
+  if run.method.random_teacher:
+    run = dataclasses.replace(run, teacher_variables=random_teacher(ctx, run))
   phases = run.method.phases(config)
   iterations = sum(phase.steps for phase in phases)
   with contextlib.closing(logs.Writer(files.tensorboard)) as writer:

@@ -117,6 +117,40 @@ def test_cached_stage1_batches_bring_their_own_examples_teacher_matrices():
     np.testing.assert_allclose(cached[:, 0], computed, rtol=1e-5, atol=1e-6)
 
 
+def test_random_teacher_is_drawn_per_net_with_batchnorm_statistics_of_real_images():
+  """fsp_random's teacher: the teacher's network at a draw of the net's seed other than the
+  student's, its BatchNorm statistics taken in from training images (not the initial 0 / 1),
+  the same for the same net and another for the next."""
+  config = _tiny_config('fsp_random')
+  config.teacher.model = config.student.model = 'resnet8'
+  source = sources.digits_source('train', config.data.image_size)
+  ctx = trainer.Context(config, Layout('/nonexistent'), source, source,
+                        data.get_preprocess(config.data))
+  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
+  run = trainer.Run(methods.get('fsp_random'), 1, 'resnet8', teacher, teacher)
+  first, again = trainer.random_teacher(ctx, run), trainer.random_teacher(ctx, run)
+  second = trainer.random_teacher(ctx, trainer.Run(run.method, 2, 'resnet8', teacher, teacher))
+  leaves = lambda v: jax.tree_util.tree_leaves(jax.device_get(v))
+  for a, b in zip(leaves(first), leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(first), leaves(second)))
+  student = steps.init_variables(teacher, jax.random.key(run.seed(config)), 16)
+  assert any(not np.array_equal(a, b[0]) for a, b in zip(
+      jax.tree_util.tree_leaves(student['params']), leaves(first['params'])))
+  stats = jax.device_get(first['batch_stats'])['backbone']
+  means = [np.abs(v['mean']).max() for v in jax.tree_util.tree_leaves(
+      stats, is_leaf=lambda x: isinstance(x, dict) and 'mean' in x)]
+  assert min(means) > 1e-3, 'a BatchNorm layer kept its initial statistics'
+
+
+def test_random_teacher_row_trains(tmp_path):
+  config = _tiny_config('scratch,fsp_random')
+  rows = experiment.train_and_evaluate(config, str(tmp_path))
+  assert [row['method'] for row in rows] == ['teacher', 'scratch', 'fsp_random']
+  assert os.path.exists(tmp_path / 'fsp_random' / 'net1' / 'fsp_matrices.npz')
+  helpers.assert_rows_are_their_nets_predictions(str(tmp_path), rows)
+
+
 def test_resumed_stage1_with_augmentation_equals_uninterrupted(tmp_path):
   """Stopped after stage 1's checkpoint at step 2 of 6, against a teacher, images augmented:
   the resumed net ends exactly as the uninterrupted one. Mutation: a resumed phase reading its

@@ -49,6 +49,36 @@ def test_scratch_matched_trains_alone_as_long_as_fsp_with_the_task_schedules_sha
   assert not methods.get('scratch_matched').uses_teacher(config)
 
 
+@pytest.mark.parametrize('name,section', [('kd_matched', 'kd'), ('at_matched', 'at'),
+                                          ('teacher_scratch_matched', 'scratch')])
+def test_one_stage_methods_stretched_to_fsps_iterations_keep_their_terms(config, name, section):
+  """The budget-matched baselines: the same loss terms, the schedule's shape kept, FSP's total
+  length (one stretch for every one-stage method, not a copy per method)."""
+  base = methods.get(name.removesuffix('_matched'))
+  schedule = config_lib.schedule((0.025,), (8_333,), warmup=166, decay='cosine')
+  config[section] = schedule if section == 'scratch' else config[section]
+  if section != 'scratch':
+    config[section].schedule = schedule
+  config.fsp.stage1 = config_lib.schedule((1e-3, 1e-4), (1_000, 2_777))
+  config.fsp.stage2 = schedule
+  (phase,), (matched,) = base.phases(config), methods.get(name).phases(config)
+  assert tuple(matched.schedule) == ((0.025,), (11_110,), 221, 'cosine')
+  assert phase.schedule.until == (8_333,) and matched.terms == phase.terms
+  assert methods.get(name).network == base.network
+  assert methods.get(name).uses_teacher(config) == base.uses_teacher(config)
+  with pytest.raises(ValueError):  # Two phases cannot be stretched as one.
+    methods.stretched(methods.get('fsp').phases(config), 100)
+
+
+def test_fsp_random_is_fsp_against_a_random_teacher_never_the_cache(config):
+  config.fsp.cache = True
+  random, fsp = methods.get('fsp_random'), methods.get('fsp')
+  assert random.random_teacher and not fsp.random_teacher
+  assert [p.schedule for p in random.phases(config)] == [p.schedule for p in fsp.phases(config)]
+  assert dict(random.phases(config)[0].terms[0].options)['cached'] is False
+  assert dict(fsp.phases(config)[0].terms[0].options)['cached'] is True
+
+
 def test_fsp_has_the_papers_two_stages(config):
   options = {'normalize': config.fsp.normalize, 'weights': None, 'shuffle_seed': None}
   assert _summary('fsp', config) == [
