@@ -74,9 +74,14 @@ def _row(ctx: trainer.Context, method: methods.Method, finished: list[dict]) -> 
 
 
 def _teacher_row(ctx: trainer.Context, teacher: Student, variables) -> dict:
-  """The row of a teacher loaded from its checkpoint: its test accuracy."""
-  metrics, _, _ = trainer.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
-                                   ctx.config.eval_batch_size)
+  """The row of a teacher loaded from its checkpoint: its test accuracy (process 0 saves its
+  test probabilities and the labels, so that the accuracy can be recomputed)."""
+  metrics, probs, labels = trainer.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
+                                            ctx.config.eval_batch_size)
+  if jax.process_index() == 0:
+    for path, array in ((ctx.layout.teacher_test_probs, probs.astype(np.float32)),
+                        (ctx.layout.test_labels, labels)):
+      np.save(path, array)
   return {'method': methods.TEACHER.name, 'model': ctx.config.teacher.model,
           'nets': [metrics['accuracy']], 'avg': metrics['accuracy'], 'ensemble': None,
           'iterations': 0, 'wall_s': 0.0}

@@ -2,7 +2,7 @@
 
     <workdir>/config.json       the run's settings (config.json.<time>: settings replaced)
     <workdir>/lock.json         the process writing the workdir
-    <workdir>/results.md, results.json, test_labels.npy
+    <workdir>/results.md, results.json, test_labels.npy, teacher_test_probs.npy
     <workdir>/<method>/net<k>/  net k = 1, 2, ... of a method ('teacher' for a teacher
         <phase>/<step>/         trained here): its phases' checkpoints, the settings they
         settings.json           were made with,
@@ -87,6 +87,11 @@ class Layout:
   @property
   def test_labels(self) -> str:
     return os.path.join(self.root, 'test_labels.npy')
+
+  @property
+  def teacher_test_probs(self) -> str:
+    """The test probabilities [N, classes] of a teacher loaded from its checkpoint."""
+    return os.path.join(self.root, 'teacher_test_probs.npy')
 
   def net(self, method: str, net: int) -> NetFiles:
     """Net `net` (1, 2, ...) of a method."""

@@ -19,15 +19,14 @@ def save_model(path: str, name: str = 'resnet8', classes: int = 10, width: int =
 
 
 def assert_rows_are_their_nets_predictions(workdir: str, rows: list[dict]) -> None:
-  """Every trained row's accuracies are those of its nets' saved test probabilities against
-  the test labels."""
+  """Every row's accuracies are those of its nets' saved test probabilities against the test
+  labels (a teacher loaded from a checkpoint: the probabilities saved beside the results)."""
   layout = Layout(workdir)
   labels = np.load(layout.test_labels)
   for row in rows:
-    nets = layout.finished_nets(row['method'])
-    if not nets:  # A teacher loaded from a checkpoint.
-      continue
-    accuracies = [float(np.mean(np.argmax(np.load(net.test_probs), -1) == labels))
-                  for net in nets]
+    paths = [net.test_probs for net in layout.finished_nets(row['method'])]
+    if not paths:  # A teacher loaded from a checkpoint.
+      paths = [layout.teacher_test_probs]
+    accuracies = [float(np.mean(np.argmax(np.load(path), -1) == labels)) for path in paths]
     np.testing.assert_allclose(row['nets'], accuracies, rtol=0, atol=1e-12)
     np.testing.assert_allclose(row['avg'], np.mean(accuracies), rtol=0, atol=1e-12)

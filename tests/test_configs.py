@@ -126,6 +126,7 @@ def test_tiny_variant_trains_with_finite_losses_for_seeds_0_to_4(name, tmp_path)
   rows = experiment.train_and_evaluate(config, str(tmp_path / 'seeds1to4'))
   assert [row['method'] for row in rows] == ['teacher'] + distilling
   assert all(len(row['nets']) == 4 for row in rows[1:])
+  helpers.assert_rows_are_their_nets_predictions(str(tmp_path / 'seeds1to4'), rows)
   for method in distilling:
     _finite_losses(tmp_path / 'seeds1to4', method, 4)
 
