@@ -22,6 +22,7 @@ from fsp_jax.layout import Layout
 from fsp_jax.results import iterations, load_run, percent
 
 TEACHER = methods.TEACHER.name
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Paths in configs start here.
 
 # The paper's numbers by table and method: (Net 1, Net 2, Net 3, Avg, Ens, #Iter); None where
 # the paper gives none. Methods are ours: 'scratch' is Teacher* / Student alone.
@@ -222,6 +223,22 @@ def holm(p_values: list[float]) -> list[float]:
   return adjusted
 
 
+def teacher_check(rows: list[dict], checkpoint: str, labels: np.ndarray) -> str:
+  """A line saying that the teacher's row was recomputed from the test probabilities committed
+  beside its checkpoint (<checkpoint>/../test_probs.npy), or '' where there are none; raises
+  ValueError where they give another accuracy than the row's."""
+  path = os.path.join(os.path.dirname(checkpoint), 'test_probs.npy')
+  teacher = [row for row in rows if row['method'] == TEACHER]
+  if not checkpoint or not teacher or not os.path.isfile(os.path.join(ROOT, path)):
+    return ''
+  accuracy = float(np.mean(np.argmax(np.load(os.path.join(ROOT, path)), -1) == labels))
+  if abs(accuracy - teacher[0]['avg']) > 1e-9:
+    raise ValueError(f'{path}: the teacher\'s test probabilities give {percent(accuracy)}%, its '
+                     f'row {percent(teacher[0]["avg"])}%: they belong to another teacher or split.')
+  return (f'The teacher\'s {percent(accuracy)}% is recomputed from its test probabilities '
+          f'(`{path}`) and the test labels.')
+
+
 def tied_ensembles(rows: list[dict], examples: int) -> str:
   """A footnote naming rows whose ensembles are equally accurate (by coincidence: the same
   number of the `examples` test images right), or ''."""
@@ -303,9 +320,10 @@ def table_section(name: str, workdir: str, out_dir: str) -> list[str]:
            'three nets of a row together (its teacher\'s 192k = 3 x 64k); Wall is the time '
            'of all the nets of a row.\n',
            comparison_table(run['rows'], paper) + '\n']
-  tied = tied_ensembles(run['rows'], len(np.load(Layout(workdir).test_labels)))
-  if tied:
-    parts.append(tied + '\n')
+  labels = np.load(Layout(workdir).test_labels)
+  notes = [teacher_check(run['rows'], config['teacher']['checkpoint'], labels),
+           tied_ensembles(run['rows'], len(labels))]
+  parts += [note + '\n' for note in notes if note]
   lines = claim_lines(run['rows'], paper, CLAIMS[name])
   if lines:
     parts += ['Each claim, by the seed-paired differences in points and a paired t-test '

@@ -168,6 +168,18 @@ def test_early_column_leaves_out_a_row_with_a_stretched_task_schedule():
   assert 'after 10 task iterations: scratch 25.00%, fsp 80.00% (not scratch_matched: ' in line
 
 
+def test_teacher_row_is_checked_against_the_probabilities_beside_its_checkpoint(tmp_path,
+                                                                                 monkeypatch):
+  monkeypatch.setattr(report, 'ROOT', str(tmp_path))
+  os.makedirs(tmp_path / 'teacher' / 'model')
+  np.save(tmp_path / 'teacher' / 'test_probs.npy', np.array([[0.9, 0.1], [0.3, 0.7]]))
+  labels, rows = np.array([0, 0]), [{'method': 'teacher', 'avg': 0.5}]
+  assert '50.00% is recomputed' in report.teacher_check(rows, 'teacher/model', labels)
+  assert report.teacher_check(rows, 'elsewhere/model', labels) == ''
+  with pytest.raises(ValueError, match='give 100.00%, its row 50.00%'):
+    report.teacher_check(rows, 'teacher/model', np.array([0, 1]))
+
+
 def test_committed_report_is_what_the_committed_runs_and_notes_give(tmp_path):
   """results/REPORT.md is rebuilt whenever a row or the notes change: a stale report (a rebuilt
   results table or notes committed without rerunning report.py) fails here."""
