@@ -13,16 +13,34 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from fsp_jax import logs
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 TFDS_CLASSES = {'cifar10': 10, 'cifar100': 100, 'caltech_birds2011': 200}
 SOURCES = tuple(TFDS_CLASSES) + ('folder', 'cub', 'digits')
 
 
+# Modes of more than 8 bits per value that Pillow's convert('RGB') clips at 255 (a 16-bit
+# grey PNG opens as 'I;16', or 'I' in older Pillows): scaled to 8 bits by value instead.
+_WIDE_GREY = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+  """An image of any mode Pillow opens from a PNG or JPEG as uint8 [H, W, 3]: 16-bit grey
+  scaled by value (v / 257: 65535 -> 255); palette, bilevel, grey, alpha and CMYK images
+  converted by Pillow (alpha dropped; 16-bit colour PNGs open at 8 bits already)."""
+  if image.mode in _WIDE_GREY:
+    values = np.asarray(image).astype(np.float64)
+    grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  return np.asarray(image.convert('RGB'))
+
+
 def _decode(path: str) -> np.ndarray:
   try:
     with Image.open(path) as image:
-      return np.asarray(image.convert('RGB'))
-  except (OSError, ValueError) as e:
+      return to_rgb8(image)
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f'Cannot decode image file {path}: {e}') from e
 
 
@@ -32,19 +50,29 @@ _ENDINGS = {'JPEG': (b'\xff\xd9',), 'PNG': (b'IEND\xaeB`\x82',)}
 
 
 def _check_file(path: str) -> None:
-  """Checks an image file's header and that it is complete, without decoding its pixels."""
+  """Checks an image file's header, its size, that it is complete and (PNG) its chunks'
+  checksums, without decoding its pixels; a file whose ending is not its format's is decoded
+  whole (JPEGs may carry bytes after their end marker)."""
   try:
     with Image.open(path) as image:
       image_format = image.format
+      image.verify()  # PNG: every chunk's CRC; other formats: little.
     with open(path, 'rb') as f:
       f.seek(max(0, os.path.getsize(path) - 64))
       tail = f.read().rstrip(b'\x00\r\n ')
-  except (OSError, ValueError) as e:
-    raise ValueError(f'Not a readable image file: {path} ({e}).') from e
+  except Image.DecompressionBombError as e:
+    raise ValueError(f'Image file {path} is too large to decode: {e}') from None
+  except (OSError, ValueError, SyntaxError) as e:  # verify() raises SyntaxError on bad chunks.
+    raise ValueError(f'Not a readable image file: {path} ({e}).') from None
   endings = _ENDINGS.get(image_format)
   if endings and not tail.endswith(endings):
-    raise ValueError(f'Image file {path} is truncated: a {image_format} file must end with '
-                     f'{endings[0]!r} (an interrupted copy or download?).')
+    try:
+      with Image.open(path) as image:
+        image.load()
+    except (OSError, ValueError) as e:
+      raise ValueError(f'Image file {path} is truncated: a {image_format} file must end with '
+                       f'{endings[0]!r} and it does not decode ({e}; an interrupted copy or '
+                       'download?).') from None
 
 
 class FileSource:
@@ -122,15 +150,20 @@ def folder_source(root: str, split: str, classes: Sequence[str] | None = None,
   if not classes or unknown:
     raise ValueError(f'Class folders {unknown or "(none)"} not found in {split_dir}; '
                      f'it has {found}.')
-  paths, labels = [], []
+  paths, labels, skipped = [], [], []
   for label, name in enumerate(classes):
     class_dir = os.path.join(split_dir, name)
-    files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_SUFFIXES))
+    names = sorted(os.listdir(class_dir))
+    files = [f for f in names if f.lower().endswith(IMAGE_SUFFIXES)]
+    skipped += [os.path.join(class_dir, f) for f in names if f not in files]
     if not files:
       raise ValueError(f'Class folder {class_dir} holds no images ({", ".join(IMAGE_SUFFIXES)}).')
     files = files[:max_per_class]
     paths += [os.path.join(class_dir, f) for f in files]
     labels += [label] * len(files)
+  if skipped:
+    logs.say(f'{split_dir}: skipped {len(skipped)} files that are not '
+             f'{"/".join(IMAGE_SUFFIXES)} images (for example {", ".join(skipped[:3])}).')
   return FileSource(paths, labels, classes)
 
 

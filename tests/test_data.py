@@ -275,3 +275,81 @@ def test_broken_example_raises_in_the_consumer(tmp_path):
   os.remove(source.paths[0])
   with pytest.raises(Exception, match=os.path.basename(source.paths[0])):
     list(data.eval_batches(source, data.Preprocess(8, 'none'), 6, 0, 1))
+
+
+def _png16(array: np.ndarray, color_type: int) -> bytes:
+  """A PNG of bit depth 16, encoded by hand (Pillow writes none): array uint16 [H, W] (grey,
+  color_type 0) or [H, W, C] (2: RGB, 4: grey + alpha, 6: RGBA)."""
+  import struct, zlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  rows = b''.join(b'\x00' + row.astype('>u2').tobytes() for row in array)
+  chunk = lambda kind, body: (struct.pack('>I', len(body)) + kind + body +
+                              struct.pack('>I', zlib.crc32(kind + body)))
+  header = struct.pack('>IIBBBBB', array.shape[1], array.shape[0], 16, color_type, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows)) +
+          chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('color_type,channels', [(0, None), (2, 3), (4, 2), (6, 4)])
+def test_16_bit_pngs_are_scaled_by_value_not_clipped(tmp_path, color_type, channels):
+  """A 16-bit grey PNG used to read as all 255 (Pillow's convert clips 'I;16')."""
+  grey = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535.
+  array = grey if channels is None else np.stack([grey] * channels, -1)
+  path = tmp_path / 'sixteen.png'
+  path.write_bytes(_png16(array, color_type))
+  image, _ = sources.FileSource([str(path)], [0], ['a'])[0]
+  assert image.dtype == np.uint8 and image.shape == (4, 4, 3)
+  np.testing.assert_array_equal(image[..., 0], np.round(grey / 257).astype(np.uint8))
+  assert len(np.unique(image)) == 16
+
+
+@pytest.mark.parametrize('mode', ['1', 'L', 'LA', 'P', 'RGB', 'RGBA', 'I;16'])
+def test_every_png_mode_reads_as_its_values(tmp_path, mode):
+  grey = np.linspace(0, 255, 16).round().astype(np.uint8).reshape(4, 4)
+  if mode == '1':
+    image, expected = Image.fromarray(grey > 127), np.where(grey > 127, 255, 0)
+  elif mode == 'I;16':
+    image, expected = Image.fromarray(grey.astype(np.uint16) * 257), grey
+  else:
+    image, expected = Image.fromarray(grey).convert(mode), grey
+  image.save(tmp_path / 'x.png')
+  read, _ = sources.FileSource([str(tmp_path / 'x.png')], [0], ['a'])[0]
+  np.testing.assert_array_equal(read, np.repeat(expected[..., None], 3, -1))
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB'])
+def test_every_jpeg_mode_reads_as_rgb(tmp_path, mode):
+  Image.new(mode, (8, 8), 'white').save(tmp_path / 'x.jpg', quality=95)
+  read, _ = sources.FileSource([str(tmp_path / 'x.jpg')], [0], ['a'])[0]
+  assert read.shape == (8, 8, 3) and read.min() >= 250
+
+
+def test_jpeg_with_bytes_after_its_end_is_read_and_a_cut_one_refused(tmp_path):
+  write_image(str(tmp_path / 'a.jpg'), 0, size=(16, 16))
+  whole = (tmp_path / 'a.jpg').read_bytes()
+  (tmp_path / 'tail.jpg').write_bytes(whole + b'EXTRA DATA AFTER THE END MARKER')
+  (tmp_path / 'cut.jpg').write_bytes(whole[:-40])
+  read, _ = sources.FileSource([str(tmp_path / 'tail.jpg')], [0], ['a'])[0]
+  assert read.shape == (16, 16, 3)
+  with pytest.raises(ValueError, match=r'cut.jpg is truncated'):
+    sources.FileSource([str(tmp_path / 'cut.jpg')], [0], ['a'])
+
+
+def test_corrupt_png_and_huge_image_are_refused_naming_the_file(tmp_path, monkeypatch):
+  write_image(str(tmp_path / 'a.png'), 0, size=(16, 16))
+  data_bytes = bytearray((tmp_path / 'a.png').read_bytes())
+  data_bytes[60] ^= 0xFF  # Inside IDAT: its checksum no longer matches, header and end intact.
+  (tmp_path / 'bad.png').write_bytes(bytes(data_bytes))
+  with pytest.raises(ValueError, match=r'Not a readable image file: .*bad.png'):
+    sources.FileSource([str(tmp_path / 'bad.png')], [0], ['a'])
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # 16 x 16 is over twice this.
+  with pytest.raises(ValueError, match=r'a.png is too large to decode'):
+    sources.FileSource([str(tmp_path / 'a.png')], [0], ['a'])
+
+
+def test_files_the_folder_reader_skips_are_named(tmp_path, capsys):
+  root = make_folder(str(tmp_path / 'f'))
+  for name in ('x.webp', 'notes.txt'):
+    (tmp_path / 'f' / 'train' / 'dog' / name).write_bytes(b'?')
+  assert len(sources.folder_source(root, 'train')) == 6
+  out = capsys.readouterr().out
+  assert 'skipped 2 files that are not .jpg/.jpeg/.png images' in out and 'x.webp' in out
