@@ -38,13 +38,14 @@ from fsp_jax.terms import Phase
 
 SNAPSHOT_IMAGES = 256  # Test images whose mean FSP matrices a run saves for the report.
 _STOP = threading.Event()
-_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT (Ctrl-C)'}
+_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT (Ctrl-C)',
+            signal.SIGHUP: 'SIGHUP (its terminal closed)'}
 _received: list[int] = []
 
 
 class Preempted(Exception):
-  """Raised after SIGTERM (a TPU VM's preemption notice) or SIGINT, once a checkpoint is
-  saved; `signum` is the signal."""
+  """Raised after SIGTERM (a TPU VM's preemption notice), SIGINT or SIGHUP, once a checkpoint
+  is saved; `signum` is the signal."""
 
   def __init__(self, message: str, signum: int):
     super().__init__(message)
@@ -60,11 +61,13 @@ def _on_signal(signum, frame):
 
 
 def install_preemption_handler() -> None:
-  """Makes SIGTERM and SIGINT stop training at the next step, after a checkpoint (a second
-  SIGINT aborts at once). Main thread only."""
+  """Makes SIGTERM, SIGINT and SIGHUP stop training at the next step, after a checkpoint (a
+  second SIGINT aborts at once). A signal already ignored stays so (`nohup` ignores SIGHUP, so
+  that the run outlives its terminal). Main thread only."""
   if threading.current_thread() is threading.main_thread():
     for signum in _SIGNALS:
-      signal.signal(signum, _on_signal)
+      if signal.getsignal(signum) is not signal.SIG_IGN:
+        signal.signal(signum, _on_signal)
 
 
 def preemption_requested(sync_point: bool) -> bool:

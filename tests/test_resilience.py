@@ -193,11 +193,12 @@ def test_saves_go_on_after_a_fall_back_and_sigterm_reports_a_real_checkpoint(tmp
 
 
 @pytest.mark.parametrize('signum,name', [(signal.SIGTERM, 'SIGTERM'),
-                                         (signal.SIGINT, r'SIGINT \(Ctrl-C\)')],
-                         ids=['SIGTERM', 'SIGINT'])
+                                         (signal.SIGINT, r'SIGINT \(Ctrl-C\)'),
+                                         (signal.SIGHUP, r'SIGHUP \(its terminal closed\)')],
+                         ids=['SIGTERM', 'SIGINT', 'SIGHUP'])
 def test_a_signal_saves_a_checkpoint_at_the_next_step_committed_before_it_says_so(
     signum, name, tmp_path):
-  """SIGTERM and SIGINT stop a 2,000-step phase whose only save point is its end a few steps
+  """SIGTERM, SIGINT and SIGHUP stop a 2,000-step phase whose only save point is its end a few steps
   after the signal, with one line naming the checkpoint; frozen (SIGSTOP) the moment it prints
   that line, the process has that checkpoint committed. Mutations: the signal honoured only at
   save points saves step 2000; the line printed before the save finds no checkpoint there."""
@@ -221,6 +222,19 @@ def test_a_signal_saves_a_checkpoint_at_the_next_step_committed_before_it_says_s
   assert max(seen) <= step < 1000, (seen, step)
   after = output[output.index('saved a checkpoint'):]
   assert 'Traceback' not in output and len(after.splitlines()) == 1, after
+
+
+def test_sighup_under_nohup_stays_ignored(tmp_path):
+  """A run started with SIGHUP ignored (nohup) outlives its terminal: a SIGHUP neither stops
+  it nor saves early. Mutation: installing the handler over SIG_IGN stops it at the signal."""
+  process = subprocess.Popen(_scratch_run(tmp_path, steps=40, checkpoint_every=40), env=_env(1),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+  _read_steps(process, 3)
+  process.send_signal(signal.SIGHUP)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == 0, output[-2000:]
+  assert 'SIGHUP' not in output and '[scratch net1 train] 40/40' in output, output[-2000:]
 
 
 def _diverging_stage1(workdir, every):
