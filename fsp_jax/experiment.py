@@ -70,7 +70,8 @@ def _row(ctx: trainer.Context, method: methods.Method, finished: list[dict]) -> 
   """[The table row of finished nets] on process 0, which wrote their files; [] elsewhere."""
   if jax.process_index() != 0:
     return []
-  return [results.row_of(ctx.layout, finished, method.settings(ctx.config))]
+  return [results.row_of(ctx.layout, finished, method.settings(ctx.config),
+                         len(ctx.eval_source))]
 
 
 def _teacher_row(ctx: trainer.Context, teacher: Student, variables) -> dict:
@@ -130,6 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir_lib.create(workdir)
   with workdir_lib.lock(workdir):
     workdir_lib.bind_config(workdir, config, allow_config_change)
+    workdir_lib.bind_data(workdir, {'train': sources.fingerprint(train_source),
+                                    'test': sources.fingerprint(eval_source)},
+                          allow_config_change)
     trainer.install_preemption_handler()
     if config.steps_per_call > 1 and jax.default_backend() == 'cpu':
       logs.say(f'Note: config.steps_per_call={config.steps_per_call} runs the steps of a call in '

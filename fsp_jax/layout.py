@@ -1,6 +1,7 @@
 """The files of a workdir: the one place that knows their paths.
 
     <workdir>/config.json       the run's settings (config.json.<time>: settings replaced)
+    <workdir>/data.json         its splits' fingerprints (data.json.<time>: data replaced)
     <workdir>/lock.json         the process writing the workdir
     <workdir>/results.md, results.json, test_labels.npy, teacher_test_probs.npy
     <workdir>/<method>/net<k>/  net k = 1, 2, ... of a method ('teacher' for a teacher
@@ -65,6 +66,11 @@ class Layout:
   @property
   def config(self) -> str:
     return os.path.join(self.root, 'config.json')
+
+  @property
+  def data(self) -> str:
+    """The fingerprints of the data the run was made with (data.json.<time>: data replaced)."""
+    return os.path.join(self.root, 'data.json')
 
   @property
   def lock(self) -> str:

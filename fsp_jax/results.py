@@ -45,14 +45,22 @@ def table_row(finished: list[dict], probs: list[np.ndarray], labels: np.ndarray)
   return row
 
 
-def row_of(layout: Layout, finished: list[dict], settings: dict) -> dict:
+def row_of(layout: Layout, finished: list[dict], settings: dict, num_test: int) -> dict:
   """The row of a method's finished nets, from the files they left in the workdir;
   'other_settings' where a net was trained with settings other than `settings` (the current
-  config's, `methods.Method.settings`)."""
+  config's, `methods.Method.settings`). Raises ValueError naming a net tested on a split of
+  another size than the current one's `num_test` examples."""
   nets = [layout.net(r['method'], r['net']) for r in finished]
   probs = [layout_lib.read_npy(net.test_probs, f"{r['method']} net{r['net']}'s test "
                                'probabilities') for net, r in zip(nets, finished)]
-  row = table_row(finished, probs, layout_lib.read_npy(layout.test_labels, 'the test labels'))
+  labels = layout_lib.read_npy(layout.test_labels, 'the test labels')
+  for path, size in [(net.test_probs, p.shape[0]) for net, p in zip(nets, probs)] + [
+      (layout.test_labels, len(labels))]:
+    if size != num_test:
+      raise ValueError(f'{path} holds {size:,} test examples, the test split {num_test:,}: it '
+                       'was made on other data; move its net\'s folder aside (or delete the '
+                       'file) to make it again on this data.')
+  row = table_row(finished, probs, labels)
   recorded = [layout_lib.read_json(net.settings, 'the settings a net was trained with')
               for net in nets if os.path.exists(net.settings)]
   row['other_settings'] = any(r != settings for r in recorded)

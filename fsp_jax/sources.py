@@ -6,6 +6,7 @@ CUB_200_2011 archive, and scikit-learn's digits. File sources check every file w
 a bad file fails before anything is compiled.
 """
 
+import hashlib
 import os
 from typing import Sequence
 
@@ -129,6 +130,23 @@ class TfdsSource:
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)
     return image, int(record['label'])
+
+
+def fingerprint(source) -> dict:
+  """What identifies a split: {'examples', 'classes', 'digest'}, the digest a SHA-256 of every
+  example's file (relative to the split's common folder) and size, or its pixels, and its label,
+  in order. A TFDS split is identified by its size alone."""
+  digest = hashlib.sha256()
+  if isinstance(source, FileSource):
+    common = os.path.commonpath(source.paths) if len(source.paths) > 1 else ''
+    for path, label in zip(source.paths, source.labels):
+      digest.update(f'{os.path.relpath(path, common or os.path.dirname(path))}\t'
+                    f'{os.path.getsize(path)}\t{label}\n'.encode())
+  elif isinstance(source, ArraySource):
+    digest.update(np.ascontiguousarray(source.images).tobytes())
+    digest.update(np.asarray(source.labels, np.int64).tobytes())
+  return {'examples': len(source), 'classes': source.num_classes,
+          'digest': digest.hexdigest() if not isinstance(source, TfdsSource) else None}
 
 
 def folder_source(root: str, split: str, classes: Sequence[str] | None = None,

@@ -1,9 +1,10 @@
-"""A workdir belongs to one config, and to one run at a time.
+"""A workdir belongs to one config, one data set, and one run at a time.
 
-The first run writes config.json; a rerun with settings that change results (anything but
-NEUTRAL_KEYS) fails at once naming them, unless told to continue. A lock file names the
-process writing the workdir; a second writer fails at once, and a lock left by a killed
-process is taken over.
+The first run writes config.json and data.json (its splits' fingerprints); a rerun with
+settings that change results (anything but NEUTRAL_KEYS) or other data fails at once naming
+them, unless told to continue. A folder that holds anything but a run of ours is refused. A
+lock file names the process writing the workdir; a second writer fails at once, and a lock
+left by a killed process is taken over.
 """
 
 import contextlib
@@ -49,10 +50,41 @@ def _all_agree(ok: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
 
 
+# Top-level keys every config.json of ours has: one without them is another program's.
+_CONFIG_KEYS = {'methods', 'data', 'teacher', 'student', 'seed'}
+
+
+def _check_ours(workdir: str) -> None:
+  """Refuses a folder that holds something other than a run of ours: files without our
+  config.json, or a config.json another program wrote."""
+  layout = Layout(workdir)
+  if os.path.exists(layout.config):
+    config = layout_lib.read_json(layout.config, 'the settings this workdir was run with')
+    if not isinstance(config, dict) or not _CONFIG_KEYS <= set(config):
+      raise ValueError(f'--workdir {workdir} holds a config.json that fsp_jax did not write (it '
+                       f'lacks {sorted(_CONFIG_KEYS - set(config or ()))}); use another '
+                       '--workdir.')
+    return
+  other = sorted(e for e in os.listdir(workdir) if not e.startswith(('lock.json', '.write_test')))
+  if other:
+    raise ValueError(f'--workdir {workdir} holds {len(other)} entries but no run of fsp_jax '
+                     f'(no config.json): {", ".join(other[:5])}{", ..." if len(other) > 5 else ""}'
+                     '. Expected a new or empty folder, or the workdir of an earlier run.')
+
+
 def create(workdir: str) -> None:
-  """Makes the workdir, with a clear error when it is a file or cannot be written."""
+  """Makes the workdir, with a clear error when it is a file, a dangling link, a folder of
+  something else, cannot be written, or its name has whitespace at either end."""
+  if workdir != workdir.strip():
+    raise ValueError(f'--workdir {workdir!r} begins or ends with whitespace; expected a path '
+                     'without it.')
+  if os.path.islink(workdir) and not os.path.exists(workdir):
+    raise ValueError(f'--workdir {workdir} is a symbolic link to {os.readlink(workdir)}, which '
+                     'does not exist.')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir} is a file; expected a folder (new or of this run).')
+  if os.path.isdir(workdir):
+    _check_ours(workdir)
   probe = Layout(workdir).write_test
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -87,6 +119,47 @@ def bind_config(workdir: str, config: ml_collections.ConfigDict,
       os.replace(path, f'{path}.{datetime.datetime.now():%Y%m%d-%H%M%S}')
     with open(path + '.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
+    os.replace(path + '.tmp', path)
+
+
+def _data_changes(old: dict, new: dict) -> list[str]:
+  """How each split's fingerprint differs: ['test: 2,999 -> 3,003 examples', ...]."""
+  changes = []
+  for split in sorted(set(old) | set(new)):
+    a, b = old.get(split), new.get(split)
+    if a == b:
+      continue
+    if a is None or b is None:
+      changes.append(f'{split}: {"none" if a is None else "recorded"} -> '
+                     f'{"none" if b is None else "present"}')
+    elif a['examples'] != b['examples'] or a['classes'] != b['classes']:
+      changes.append(f'{split}: {a["examples"]:,} examples of {a["classes"]} classes -> '
+                     f'{b["examples"]:,} of {b["classes"]}')
+    else:
+      changes.append(f'{split}: the same {a["examples"]:,} examples in number, other files, '
+                     'sizes or labels')
+  return changes
+
+
+def bind_data(workdir: str, fingerprints: dict, allow_change: bool = False) -> None:
+  """Writes data.json ({split: sources.fingerprint}), or checks the data against it: nets
+  trained or evaluated on other data cannot be continued or put in one table."""
+  path = Layout(workdir).data
+  changes = []
+  if os.path.exists(path):
+    changes = _data_changes(layout_lib.read_json(path, 'the data this workdir was run with'),
+                            fingerprints)
+  if changes and not allow_change:
+    raise ValueError(f'--workdir {workdir} was run on other data ({"; ".join(changes)}); its '
+                     'nets trained or were tested on that. Use a new --workdir, restore the data, '
+                     'or continue with --allow_config_change (nets already finished are kept).')
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('data read')
+  if jax.process_index() == 0 and (changes or not os.path.exists(path)):
+    if changes:
+      os.replace(path, f'{path}.{datetime.datetime.now():%Y%m%d-%H%M%S}')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(fingerprints, f, indent=1)
     os.replace(path + '.tmp', path)
 
 

@@ -180,3 +180,62 @@ def test_a_broken_file_read_back_names_itself(name, what, tmp_path):
     experiment.train_and_evaluate(_config(), str(tmp_path))
   assert str(error.value).startswith(f'{path} ({what}) cannot be read: ')
   assert 'Delete it and run the same command again' in str(error.value)
+
+
+@pytest.mark.parametrize('held,pattern', [
+    ({'results.md': '# mine', 'results.json': '[]'},
+     r'holds 2 entries but no run of fsp_jax \(no config.json\): results.json, results.md'),
+    ({'config.json': '{"learning_rate": 0.1}'}, r'holds a config.json that fsp_jax did not write'),
+])
+def test_a_folder_of_something_else_is_refused_and_left_as_it_was(tmp_path, held, pattern):
+  for name, text in held.items():
+    (tmp_path / name).write_text(text)
+  with pytest.raises(ValueError, match=pattern):
+    experiment.train_and_evaluate(_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted(held)
+  assert all((tmp_path / name).read_text() == text for name, text in held.items())
+
+
+def test_workdir_names_with_whitespace_or_dangling_links_are_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"begins or ends with whitespace"):
+    workdir.create(str(tmp_path / 'run\n'))
+  os.symlink(tmp_path / 'gone', tmp_path / 'link')
+  with pytest.raises(ValueError, match=r'link is a symbolic link to .*gone, which does not exist'):
+    workdir.create(str(tmp_path / 'link'))
+  assert not os.path.exists(tmp_path / 'run\n')
+
+
+def _folder_config(root):
+  config = _config(batch_size=4, eval_batch_size=4)
+  config.data.name, config.data.root = 'folder', root
+  return config
+
+
+def test_a_workdir_is_bound_to_its_data(tmp_path):
+  """Another test split (an image added; the same count with files swapped) is refused naming
+  the split, before anything trains; --allow_config_change continues, and the finished net
+  tested on the old split is then refused by name before any table is formed."""
+  import test_data  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'data')
+  for split in ('train', 'test'):
+    for c, name in enumerate(('cat', 'dog')):
+      for i in range(3):
+        test_data.write_image(os.path.join(root, split, name, f'{i}.png'), 10 * c + i, (16, 16))
+  run = str(tmp_path / 'run')
+  experiment.train_and_evaluate(_folder_config(root), run)
+  extra = os.path.join(root, 'test', 'cat', 'extra.png')
+  test_data.write_image(extra, 99, (16, 16))
+  with pytest.raises(ValueError, match=r'run on other data \(test: \d examples of 2 classes -> '
+                                       r'\d of 2\)'):
+    experiment.train_and_evaluate(_folder_config(root), run)
+  os.remove(extra)
+  first = sorted(os.listdir(os.path.join(root, 'test', 'cat')))[0]
+  os.rename(os.path.join(root, 'test', 'cat', first), os.path.join(root, 'test', 'cat', 'z.png'))
+  with pytest.raises(ValueError, match=r'test: the same \d examples in number, other files'):
+    experiment.train_and_evaluate(_folder_config(root), run)
+  os.rename(os.path.join(root, 'test', 'cat', 'z.png'), os.path.join(root, 'test', 'cat', first))
+  experiment.train_and_evaluate(_folder_config(root), run)  # The data restored: it resumes.
+  test_data.write_image(extra, 99, (16, 16))
+  with pytest.raises(ValueError, match=r'net1/test_probs.npy holds \d test examples, the test '
+                                       r'split \d'):
+    experiment.train_and_evaluate(_folder_config(root), run, allow_config_change=True)
