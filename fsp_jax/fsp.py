@@ -8,16 +8,29 @@ When the two maps differ in spatial size, the larger one is max-pooled to the sm
 (the paper's rule). Everything here is a pure function of NHWC arrays.
 """
 
+import re
 from typing import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
+
+
+def check_real(name: str, x) -> None:
+  """Raises ValueError unless x is an array of real floating or integer values."""
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None or not hasattr(x, 'shape'):
+    raise ValueError(f'{name} must be an array, got {type(x).__name__}.')
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(f'{name} must hold real floating or integer values, got dtype {dtype}.')
 
 
 def _check_nhwc(name: str, x: jnp.ndarray) -> None:
-  if x.ndim != 4:
+  check_real(name, x)
+  if x.ndim != 4 or 0 in x.shape[1:]:
     raise ValueError(
-        f'{name} must be an NHWC batch of rank 4 [B, H, W, C], got shape {x.shape}.')
+        f'{name} must be an NHWC batch of rank 4 [B, H, W, C] with H, W, C >= 1, got shape '
+        f'{np.shape(x)}.')
 
 
 def max_pool_to(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
@@ -53,6 +66,12 @@ def fsp_matrix(f1: jnp.ndarray, f2: jnp.ndarray) -> jnp.ndarray:
     raise ValueError(
         f'f1 and f2 must have the same batch size, got shapes {f1.shape} and {f2.shape}.')
   size1, size2 = f1.shape[1:3], f2.shape[1:3]
+  if not (size1[0] >= size2[0] and size1[1] >= size2[1]) and not (
+      size2[0] >= size1[0] and size2[1] >= size1[1]):
+    raise ValueError(
+        f'Cannot pair feature maps of shapes {f1.shape} and {f2.shape}: one is larger in H, the '
+        'other in W. Expected NHWC maps, one at least as large as the other in both (NCHW maps '
+        'look like this: transpose them to NHWC).')
   target = (min(size1[0], size2[0]), min(size1[1], size2[1]))
   if any(s[0] % target[0] or s[1] % target[1] for s in (size1, size2)):
     raise ValueError(
@@ -67,6 +86,14 @@ def fsp_matrix(f1: jnp.ndarray, f2: jnp.ndarray) -> jnp.ndarray:
 
 def stage_pairs(features: Mapping[str, jnp.ndarray]) -> list[tuple[str, str]]:
   """The FSP points of a network, ordered by stage: [('stage1_in', 'stage1_out'), ...]."""
+  if not isinstance(features, Mapping):
+    raise ValueError(f'features must be a mapping {{"stageK_in": [B, H, W, M], "stageK_out": '
+                     f'...}}, got {type(features).__name__}.')
+  odd = sorted(n for n in features if str(n).startswith('stage') and
+               not re.fullmatch(r'stage\d+_(in|out)', str(n)))
+  if odd:
+    raise ValueError(f'Feature names {odd} are not of the form stageK_in / stageK_out with K an '
+                     'integer.')
   stages = sorted(int(name[len('stage'):-len('_in')]) for name in features
                   if name.startswith('stage') and name.endswith('_in'))
   pairs = [(f'stage{k}_in', f'stage{k}_out') for k in stages]

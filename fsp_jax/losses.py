@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsp_jax import fsp
+
 
 def _leaves(tree: Any, name: str) -> list[jnp.ndarray]:
   leaves = jax.tree_util.tree_leaves(tree)
@@ -60,6 +62,14 @@ def fsp_l2(student: Any, teacher: Any, weights: Sequence[float] | None = None,
     raise ValueError(f'Expected {len(student)} weights, one per FSP matrix, got {len(weights)}.')
   total = 0.0
   for i, (g_s, g_t, w) in enumerate(zip(student, teacher, weights)):
+    for name, g in (('student', g_s), ('teacher', g_t)):
+      fsp.check_real(f'{name} FSP matrix {i}', g)
+      if g.ndim != 3:
+        raise ValueError(f'{name} FSP matrix {i} must be of rank 3 [B, M, N], got shape '
+                         f'{g.shape} (pass fsp.fsp_matrices of the features, not the features).')
+    if g_s.shape[0] != g_t.shape[0]:
+      raise ValueError(f'FSP matrix {i}: the student\'s batch of {g_s.shape[0]} and the '
+                       f'teacher\'s of {g_t.shape[0]} differ; expected the same images.')
     if g_s.shape != g_t.shape:
       raise ValueError(
           f'FSP matrix {i}: student shape {g_s.shape} does not match teacher shape '

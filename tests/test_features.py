@@ -1,5 +1,6 @@
 """FSP points of any Flax model, captured by module path; stage 1 into a model of this test."""
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,3 +96,65 @@ def test_stage1_distills_into_a_model_defined_here(images):
     params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
     history.append(float(loss))
   assert np.all(np.isfinite(history)) and history[-1] < 0.5 * history[0], history
+
+
+class SmallNnxCnn(nnx.Module):
+  """An NNX network fsp_jax knows nothing about (Flax's recommended API for new code)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv0 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.blocks = nnx.List([nnx.Conv(8, 8, (3, 3), rngs=rngs),
+                            nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)])
+    self.head = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv0(x))
+    for block in self.blocks:
+      x = nnx.relu(block(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def test_capture_takes_an_nnx_module_and_leaves_it_as_it_was():
+  model = SmallNnxCnn(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  points = {'stage1_in': 'conv0', 'stage1_out': 'blocks/0', 'stage2_in': 'blocks/0',
+            'stage2_out': 'blocks/1'}
+  logits, feats = features.capture(model, x, points)
+  np.testing.assert_allclose(logits, model(x), rtol=1e-6)
+  np.testing.assert_allclose(feats['stage1_in'], model.conv0(x), rtol=1e-6)
+  assert feats['stage2_out'].shape == (2, 4, 4, 16)
+  assert [g.shape for g in fsp.fsp_matrices(feats)] == [(2, 8, 8), (2, 8, 16)]
+  assert type(model.blocks[0]) is nnx.Conv  # The recording class is gone.
+  with pytest.raises(ValueError, match=r"\['blocks/7'\] are not in SmallNnxCnn; its paths are: "
+                                       r'blocks, blocks/0, blocks/1, conv0, head'):
+    features.capture(model, x, ['blocks/7'])
+  with pytest.raises(ValueError, match=r'capture\(model, x, points\)'):
+    features.capture(model, {}, x, points)
+
+
+@pytest.mark.parametrize('call,pattern', [
+    (lambda: fsp.fsp_matrix(jnp.ones((2, 16, 8, 8)), jnp.ones((2, 32, 4, 4))),
+     r'one is larger in H, the other in W.*NCHW'),
+    (lambda: fsp.fsp_matrix(jnp.ones((2, 4, 4, 3), jnp.complex64), jnp.ones((2, 4, 4, 3))),
+     r'f1 must hold real floating or integer values, got dtype complex64'),
+    (lambda: fsp.fsp_matrix(jnp.ones((2, 0, 0, 3)), jnp.ones((2, 0, 0, 3))),
+     r'H, W, C >= 1, got shape \(2, 0, 0, 3\)'),
+    (lambda: fsp.fsp_matrix(jnp.ones((4, 3)), jnp.ones((4, 3))), r'f1 must be an NHWC batch'),
+    (lambda: fsp.fsp_matrix({'a': 1}, jnp.ones((4, 3))), r'f1 must be an array, got dict'),
+    (lambda: fsp.fsp_matrices({'stagex_in': jnp.ones((1, 2, 2, 1))}),
+     r"\['stagex_in'\] are not of the form stageK_in"),
+    (lambda: fsp.fsp_matrices([jnp.ones((1, 2, 2, 1))]), r'features must be a mapping'),
+    (lambda: losses.fsp_l2([jnp.ones((2, 4, 4, 3))], [jnp.ones((2, 4, 4, 3))]),
+     r'student FSP matrix 0 must be of rank 3 \[B, M, N\], got shape \(2, 4, 4, 3\)'),
+    (lambda: losses.fsp_l2([jnp.ones((2, 3, 3))], [jnp.ones((4, 3, 3))]),
+     r"student's batch of 2 and the teacher's of 4 differ"),
+    (lambda: losses.fsp_l2([jnp.ones((2, 3, 3), jnp.complex64)], [jnp.ones((2, 3, 3))]),
+     r'student FSP matrix 0 must hold real'),
+    (lambda: features.capture(SmallCnn(), {}, jnp.ones((1, 8, 8, 3)), 'conv0'),
+     r"points must be .* got 'conv0' \(a single path is \['conv0'\]\)"),
+], ids=['nchw', 'complex', 'empty maps', 'rank 2', 'dict', 'stage name', 'not a mapping',
+        'features to fsp_l2', 'batch sizes', 'complex matrices', 'points a string'])
+def test_the_notebook_api_refuses_what_it_cannot_mean(call, pattern):
+  with pytest.raises(ValueError, match=pattern) as error:
+    call()
+  assert '\n' not in str(error.value)
