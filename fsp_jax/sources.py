@@ -195,6 +195,9 @@ def _read_table(path: str) -> dict[int, str]:
         key, _, value = line.strip().partition(' ')
         if not key.isdigit() or not value:
           raise ValueError(f'{path}, line {number}: expected "<id> <value>", got {line.strip()!r}.')
+        if int(key) in table:
+          raise ValueError(f'{path}, line {number}: id {key} is listed twice; expected each id '
+                           'once.')
         table[int(key)] = value
   return table
 
@@ -216,6 +219,14 @@ def cub_source(root: str, split: str) -> FileSource:
   bad = sorted(i for i, c in labels.items() if not c.isdigit() or int(c) not in classes)[:5]
   if bad:
     raise ValueError(f'image_class_labels.txt gives image ids {bad} a class not in classes.txt.')
+  odd = sorted(i for i, v in is_train.items() if v.strip() not in ('0', '1'))[:5]
+  if odd:
+    raise ValueError(f'{os.path.join(root, "train_test_split.txt")}: image ids {odd} are marked '
+                     f'{is_train[odd[0]].strip()!r}; expected 1 (train) or 0 (test).')
+  empty = sorted(set(classes) - {int(c) for c in labels.values()})[:5]
+  if empty:
+    raise ValueError(f'{os.path.join(root, "classes.txt")} lists classes {empty} that no image '
+                     'has (image_class_labels.txt); each would be an output class never seen.')
   keep = sorted(i for i in images if (is_train[i].strip() == '1') == (split == 'train'))
   class_ids = sorted(classes)
   index = {c: k for k, c in enumerate(class_ids)}

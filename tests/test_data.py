@@ -353,3 +353,22 @@ def test_files_the_folder_reader_skips_are_named(tmp_path, capsys):
   assert len(sources.folder_source(root, 'train')) == 6
   out = capsys.readouterr().out
   assert 'skipped 2 files that are not .jpg/.jpeg/.png images' in out and 'x.webp' in out
+
+
+@pytest.mark.parametrize('edit,pattern', [
+    (('train_test_split.txt', '1 1', '1 train'), r"image ids \[1\] are marked 'train'; expected 1 "
+                                                 r'\(train\) or 0 \(test\)'),
+    (('images.txt', '2 ', '1 '), r'images.txt, line 2: id 1 is listed twice'),
+    (('classes.txt', '3 003.Bird_3', '3 003.Bird_3\n4 004.Bird_4'),
+     r'lists classes \[4\] that no image has'),
+])
+def test_cub_files_that_would_mislead_are_refused_naming_the_file(tmp_path, edit, pattern):
+  root = make_cub(str(tmp_path / 'cub'))
+  name, old, new = edit
+  path = os.path.join(root, name)
+  with open(path) as f:
+    text = f.read()
+  with open(path, 'w') as f:
+    f.write(text.replace(old, new, 1))
+  with pytest.raises(ValueError, match=pattern):
+    sources.cub_source(root, 'train')
