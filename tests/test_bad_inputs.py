@@ -137,6 +137,11 @@ CASES = {  # name: ({key: value}, pattern of the error)
                                 r'of config.steps_per_call=3'),
     'steps per call and phases': ({'steps_per_call': 2, 'log_every': 2, 'checkpoint_every': 2},
                                   r'config.steps_per_call: 2 does not divide the 3 iterations'),
+    'teacher checkpoint an empty folder': ({'teacher.checkpoint': 'empty'},
+                                           r'teacher_empty is empty; a teacher is a finished '
+                                           r"net's model folder, <workdir>/<method>/net<k>/model"),
+    'teacher at a training checkpoint': ({'teacher.checkpoint': 'train/20'},
+                                         r'train/20 is a training checkpoint .*net<k>/model'),
     'teacher checkpoint a file': ({'teacher.checkpoint': 'file'}, r"config.teacher.checkpoint: "
                                   r"'.*' is a file; give the folder of an Orbax checkpoint"),
     'teacher of another width': ({'teacher.checkpoint': TEACHER + '10', 'teacher.width': 2,
@@ -198,6 +203,11 @@ def test_bad_input_fails_at_once_naming_it(name, tmp_path):
     if key == 'teacher.checkpoint' and value == 'file':
       value = str(tmp_path / 'teacher_file')
       open(value, 'w').close()
+    if key == 'teacher.checkpoint' and value in ('empty', 'train/20'):
+      value = str(tmp_path / ('teacher_empty' if value == 'empty' else 'net1/train/20'))
+      for part in ([] if 'empty' in value else ['state', 'history']):
+        os.makedirs(os.path.join(value, part))
+      os.makedirs(value, exist_ok=True)
     section, _, field = key.rpartition('.')
     target = config
     for part in filter(None, section.split('.')):
