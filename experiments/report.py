@@ -19,7 +19,7 @@ from scipy import stats
 
 from fsp_jax import methods
 from fsp_jax.layout import Layout
-from fsp_jax.results import iterations, load_run, percent
+from fsp_jax.results import iterations, load_run, percent, rebuild
 
 TEACHER = methods.TEACHER.name
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Paths in configs start here.
@@ -367,6 +367,8 @@ def main(argv=None):
   parser.add_argument('runs', nargs='+', help=f'table=workdir, table one of {sorted(PAPER)}')
   parser.add_argument('--out', required=True, help='folder for REPORT.md and the PNGs')
   parser.add_argument('--notes', default='', help='Markdown file put at the top')
+  parser.add_argument('--rebuild_tables', action='store_true', help='first form each '
+                      'workdir\'s results table again from its finished nets (results.rebuild)')
   args = parser.parse_args(argv)
   runs = {}
   for item in args.runs:
@@ -375,6 +377,8 @@ def main(argv=None):
       parser.error(f'{item!r}: expected table=workdir with table one of {sorted(PAPER)} and '
                    'a finished experiment (its results.json) in workdir.')
     runs[name] = workdir
+    if args.rebuild_tables:
+      rebuild(workdir)
   notes = open(args.notes).read() if args.notes else ''
   print(write_report(runs, args.out, notes))
 

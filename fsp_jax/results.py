@@ -63,7 +63,7 @@ def row_of(layout: Layout, finished: list[dict], settings: dict, num_test: int) 
   row = table_row(finished, probs, labels)
   recorded = [layout_lib.read_json(net.settings, 'the settings a net was trained with')
               for net in nets if os.path.exists(net.settings)]
-  row['other_settings'] = any(r != settings for r in recorded)
+  row['other_settings'] = settings is not None and any(r != settings for r in recorded)
   return row
 
 
@@ -155,6 +155,26 @@ def write(layout: Layout, rows: list[dict]) -> str:
   with open(layout.results_json, 'w') as f:
     json.dump(rows, f, indent=1)
   return table
+
+
+def rebuild(workdir: str) -> str:
+  """Forms each row of a workdir's results.json again from every net its method has finished
+  now (nets trained elsewhere and copied in join their row; a row's nets must have one
+  method's settings, else it is marked); a teacher loaded from a checkpoint keeps its row.
+  Writes results.md and results.json; returns the Markdown table."""
+  layout = Layout(workdir)
+  num_test = len(layout_lib.read_npy(layout.test_labels, 'the test labels'))
+  rows = []
+  for row in layout_lib.read_json(layout.results_json, 'the results table'):
+    nets = layout.finished_nets(row['method'])
+    if not nets:
+      rows.append(row)
+      continue
+    finished = [layout_lib.read_json(net.result, 'a finished net\'s result') for net in nets]
+    settings = (layout_lib.read_json(nets[0].settings, 'the settings a net was trained with')
+                if os.path.exists(nets[0].settings) else None)
+    rows.append(row_of(layout, finished, settings, num_test))
+  return write(layout, rows)
 
 
 def load_run(workdir: str) -> dict:

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -47,6 +48,21 @@ def test_report_has_tables_beside_the_paper_and_plots(workdir, tmp_path):
     assert f'({name})' in text
     with Image.open(os.path.join(out, name)) as image:
       assert image.size[0] > 400 and image.size[1] > 300
+
+
+def test_a_table_rebuilt_from_its_nets_takes_in_nets_copied_in(workdir, tmp_path):
+  """results.rebuild forms the same rows from the same nets; a net trained elsewhere and copied
+  in (here a copy of net 2 as net 3) joins its row."""
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  before = results.load_run(copy)['rows']
+  results.rebuild(copy)
+  assert results.load_run(copy)['rows'] == before
+  shutil.copytree(os.path.join(copy, 'fsp', 'net2'), os.path.join(copy, 'fsp', 'net3'))
+  results.rebuild(copy)
+  fsp = {row['method']: row for row in results.load_run(copy)['rows']}['fsp']
+  assert fsp['nets'] == [before[-1]['nets'][0], before[-1]['nets'][1], before[-1]['nets'][1]]
+  assert not fsp['other_settings']
 
 
 def test_fsp_matrices_are_saved_before_and_after_stage1(workdir):
