@@ -153,10 +153,14 @@ def gather_in_order(chunks: list[np.ndarray]) -> np.ndarray:
 def predict(step, variables, source, preprocess: data.Preprocess, batch_size: int):
   """One pass of a pmapped step(variables, sharded batch) -> per-example outputs [devices, b,
   ...] over a split in order: (outputs [N, ...] of every example, labels [N]) on every host.
+  Batches hold batch_size examples, or the split's whole where that is fewer (rounded up to the
+  devices), so a large batch_size pads nothing.
 
   variables are replicated over the local devices.
   """
   outputs, labels, masks = [], [], []
+  devices = jax.device_count()  # A batch need not be larger than the split, whole per device.
+  batch_size = min(batch_size, -(-len(source) // devices) * devices)
   for batch in data.eval_batches(source, preprocess, batch_size):
     out = step(variables, data.shard(batch, jax.local_device_count()))
     outputs.append(jax.tree_util.tree_map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]),

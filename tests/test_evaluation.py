@@ -1,0 +1,60 @@
+"""Evaluation: every example once, in order, in inference mode, whatever the batch size."""
+
+import jax
+import numpy as np
+import pytest
+
+from fsp_jax import data, models, sources, steps, trainer
+from fsp_jax.adapters import Student
+
+
+@pytest.fixture(scope='module')
+def model_and_source():
+  """A ResNet-8 whose BatchNorm statistics are far from any batch's (mean 3, variance 9), and
+  10 images: 10 is no multiple of the 4 devices, nor of the batch sizes below."""
+  model = Student(models.get('resnet8', 10, 1, axis_name='batch'))
+  variables = steps.init_variables(model, jax.random.key(0), 16)
+  variables['batch_stats'] = jax.tree.map(
+      lambda v: np.full_like(v, 3.0), variables['batch_stats'])
+  images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+  source = sources.ArraySource(images, np.arange(10) % 10, 10)
+  preprocess = data.get_preprocess(_data_config())
+  return model, steps.replicate(variables), source, preprocess
+
+
+def _data_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(image_size=16, augment='none', normalize='cifar'))
+
+
+def test_each_example_once_in_order_whatever_the_batch_size(model_and_source):
+  """Outputs of 4-, 8- and a million-example batches agree (a million is cut to the split's
+  12: nothing is padded past what the devices need). Mutations: padding left unmasked gives
+  more than 10 outputs; BatchNorm in training mode makes an example's output depend on its
+  batch's other examples."""
+  model, variables, source, preprocess = model_and_source
+  runs = [trainer.evaluate(model, variables, source, preprocess, b) for b in (4, 8, 2**20)]
+  for metrics, probs, labels in runs:
+    assert probs.shape == (10, 10)
+    np.testing.assert_array_equal(labels, np.arange(10))
+    np.testing.assert_allclose(probs, runs[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_uses_the_running_statistics(model_and_source):
+  """The probabilities are those of the model in inference mode on each image alone."""
+  model, variables, source, preprocess = model_and_source
+  _, probs, _ = trainer.evaluate(model, variables, source, preprocess, 8)
+  single = jax.tree.map(lambda v: v[0], variables)
+  batch = next(data.eval_batches(source, preprocess, 12))
+  logits, _ = model.apply(single, batch['image'][:10], train=False)
+  np.testing.assert_allclose(probs, jax.nn.softmax(logits), rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_larger_than_the_split_reads_it_in_one_batch(model_and_source, monkeypatch):
+  model, variables, source, preprocess = model_and_source
+  sizes = []
+  original = data.eval_batches
+  monkeypatch.setattr(data, 'eval_batches', lambda s, p, b, *a: sizes.append(b) or original(
+      s, p, b, *a))
+  trainer.evaluate(model, variables, source, preprocess, 2**20)
+  assert sizes == [12]
