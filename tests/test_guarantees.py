@@ -1,6 +1,8 @@
 """Direct tests of guarantees that the rest of the suite kept only by accident: each docstring
 names the mutation of the code that the test was written to fail on."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import data, methods, models, results, sources, steps, terms, trainer
+from fsp_jax import checkpoints, data, methods, models, results, sources, steps, terms, trainer
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.adapters import Student
 from fsp_jax.layout import Layout
@@ -94,3 +96,43 @@ def test_each_epoch_visits_the_examples_in_a_new_order():
   for order in epochs:
     assert sorted(order) == list(range(n))
   assert not np.array_equal(*epochs)
+
+
+def test_the_channel_adapters_batchnorm_averages_over_devices():
+  """Under pmap, every device's adapter BatchNorm statistics are those of the whole batch.
+  Mutation: the channel adapter's BatchNorm not averaged over devices (axis_name dropped)."""
+  student = Student(models.get('resnet8', 10, 1, axis_name='batch'),
+                    adapter=(('stage1_out', 32),))
+  variables = steps.init_variables(student, jax.random.key(0), 16)
+
+  def adapter_stats(v, x):
+    _, updates = student.apply(v, x, train=True, mutable=['batch_stats'])
+    return updates['batch_stats']['adapter']
+
+  devices = jax.local_device_count()
+  x = jax.random.normal(jax.random.key(1), (devices, 2, 16, 16, 3)) * jnp.arange(
+      1, devices + 1)[:, None, None, None, None]  # Each device's images of another scale.
+  stats = jax.pmap(adapter_stats, axis_name='batch')(steps.replicate(variables), x)
+  for leaf in jax.tree.leaves(stats):
+    for k in range(1, devices):
+      np.testing.assert_allclose(leaf[k], leaf[0], rtol=1e-5, atol=1e-6)
+  assert devices > 1, 'needs several devices (tests/conftest.py fakes 4)'
+
+
+def test_a_failed_save_leaves_every_kept_checkpoint(tmp_path):
+  """With two checkpoints kept, a third save that fails leaves both, and a third that succeeds
+  drops the oldest only once it is committed. Mutation: a save deleting the oldest kept
+  checkpoint before the new one is committed."""
+  saved = lambda: sorted(int(n) for n in os.listdir(tmp_path) if n.isdigit())
+  phase = checkpoints.PhaseCheckpoints(str(tmp_path), keep=2, where='test')
+  for step in (1, 2):
+    phase.save(step, {'w': np.full(3, step, np.float32)}, {'step': step})
+  with pytest.raises(checkpoints.WriteError, match=r'checkpoint 3 could not be written.*'
+                                                   r'checkpoint 2 there is intact'):
+    phase.save(3, {'w': object()}, {'step': 3})  # Orbax cannot save an object.
+  assert saved() == [1, 2]
+  phase.close()
+  phase = checkpoints.PhaseCheckpoints(str(tmp_path), keep=2, where='test')
+  phase.save(3, {'w': np.full(3, 3, np.float32)}, {'step': 3})
+  assert saved() == [2, 3]
+  phase.close()
