@@ -10,7 +10,8 @@ import pytest
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import checkpoints, data, methods, models, results, sources, steps, terms, trainer
+from fsp_jax import checkpoints, data, device_data, methods, models, results, sources, steps
+from fsp_jax import terms, trainer
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.adapters import Student
 from fsp_jax.layout import Layout
@@ -136,3 +137,20 @@ def test_a_failed_save_leaves_every_kept_checkpoint(tmp_path):
   phase.save(3, {'w': np.full(3, 3, np.float32)}, {'step': 3})
   assert saved() == [2, 3]
   phase.close()
+
+
+def test_the_device_path_brings_each_examples_own_cached_teacher_matrices():
+  """Example i's cached matrices are filled with i, its label is i: a gathered batch's matrices
+  and labels agree. Mutation: the on-device path looking up the cached teacher matrices of the
+  wrong example."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  n = 10
+  placed = device_data.Placed(
+      np.zeros((n, 8, 8, 3), np.uint8), np.arange(n, dtype=np.int32),
+      (np.arange(n, dtype=np.float32)[:, None, None] * np.ones((n, 2, 3), np.float32),))
+  preprocess = data.get_preprocess(ml_collections.ConfigDict(
+      dict(image_size=8, augment='none', normalize='cifar')))
+  indices = jnp.array([5, 2, 7, 0])
+  batch = device_data.gather(placed, preprocess, 0, 3, indices)
+  np.testing.assert_array_equal(batch['label'], indices)
+  np.testing.assert_array_equal(batch['teacher_fsp'][0][:, 0, 0], indices)
