@@ -57,6 +57,19 @@ class Preprocess:
       return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
+  def describe(self) -> str:
+    """How images reach the networks, in words."""
+    size = self.image_size
+    steps = {'cifar': f'resized to {size}x{size} where they are not, padded by 4 and cropped '
+                      f'to {size}x{size} at random and flipped in training',
+             'crop_flip': f'the shorter side resized to {self.stored_size}, cropped to '
+                          f'{size}x{size} (at random, and flipped, in training; the centre in '
+                          'evaluation)',
+             'none': f'resized to {size}x{size} where they are not'}[self.augment]
+    stats = 'ImageNet\'s' if (self.mean, self.std) == IMAGENET_STATS else (
+        'CIFAR-10\'s' if (self.mean, self.std) == CIFAR_STATS else 'given')
+    return f'{steps}; normalised with {stats} statistics'
+
   def __call__(self, images, draws: np.ndarray | None) -> np.ndarray:
     size = self.image_size
     images = [self.resized(image) for image in images]

@@ -112,6 +112,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_source = sources.get_source(config.data, config.data.train_split)
   eval_source = sources.get_source(config.data, config.data.eval_split)
   config_lib.validate_data(config, train_source, eval_source)
+  for split, source in ((config.data.train_split, train_source),
+                        (config.data.eval_split, eval_source)):
+    logs.say(f'Data, {split} split: {sources.describe(source)}.')
+  logs.say(f'Images: {data.get_preprocess(config.data).describe()}.')
   num_classes = train_source.num_classes
   teacher = Student(build_model(config.teacher, config.teacher.num_classes or num_classes,
                                 config.dtype))

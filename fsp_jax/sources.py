@@ -6,6 +6,7 @@ CUB_200_2011 archive, and scikit-learn's digits. File sources check every file w
 a bad file fails before anything is compiled.
 """
 
+import collections
 import hashlib
 import os
 from typing import Sequence
@@ -50,13 +51,13 @@ def _decode(path: str) -> np.ndarray:
 _ENDINGS = {'JPEG': (b'\xff\xd9',), 'PNG': (b'IEND\xaeB`\x82',)}
 
 
-def _check_file(path: str) -> None:
+def _check_file(path: str) -> tuple[str, str, tuple[int, int]]:
   """Checks an image file's header, its size, that it is complete and (PNG) its chunks'
   checksums, without decoding its pixels; a file whose ending is not its format's is decoded
-  whole (JPEGs may carry bytes after their end marker)."""
+  whole (JPEGs may carry bytes after their end marker). Returns its (format, mode, (W, H))."""
   try:
     with Image.open(path) as image:
-      image_format = image.format
+      image_format, kind = image.format, (image.format, image.mode, image.size)
       image.verify()  # PNG: every chunk's CRC; other formats: little.
     with open(path, 'rb') as f:
       f.seek(max(0, os.path.getsize(path) - 64))
@@ -74,6 +75,7 @@ def _check_file(path: str) -> None:
       raise ValueError(f'Image file {path} is truncated: a {image_format} file must end with '
                        f'{endings[0]!r} and it does not decode ({e}; an interrupted copy or '
                        'download?).') from None
+  return kind
 
 
 class FileSource:
@@ -82,8 +84,8 @@ class FileSource:
   def __init__(self, paths: Sequence[str], labels: Sequence[int], class_names: Sequence[str]):
     self.paths, self.labels = list(paths), np.asarray(labels)
     self.class_names, self.num_classes = tuple(class_names), len(class_names)
-    for path in self.paths:  # Headers and endings: a bad file fails now, not mid-training.
-      _check_file(path)
+    # Headers and endings: a bad file fails now, not mid-training. {(format, mode, (W, H)): n}
+    self.kinds = collections.Counter(_check_file(path) for path in self.paths)
 
   def __len__(self):
     return len(self.paths)
@@ -130,6 +132,35 @@ class TfdsSource:
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)
     return image, int(record['label'])
+
+
+# How each mode of a file reaches the networks (`to_rgb8`).
+_MODES = {'RGB': 'RGB', 'L': 'grey (as RGB)', '1': 'black-and-white (as RGB)',
+          'P': 'palette (as RGB)', 'RGBA': 'RGBA (alpha dropped)', 'LA': 'grey + alpha (as RGB)',
+          'CMYK': 'CMYK (converted to RGB)', 'I;16': '16-bit grey (scaled to 8 bits, as RGB)',
+          'I': '16-bit grey (scaled to 8 bits, as RGB)'}
+
+
+def describe(source) -> str:
+  """What a split holds, in words: '2,903 images of 100 classes: 2,903 RGB JPEGs of 227x227'."""
+  head = f'{len(source):,} images of {source.num_classes} classes'
+  if isinstance(source, FileSource):
+    groups = collections.Counter()
+    sizes = collections.defaultdict(set)
+    for (fmt, mode, size), n in source.kinds.items():
+      groups[fmt, mode] += n
+      sizes[fmt, mode].add(size)
+    parts = []
+    for (fmt, mode), n in groups.most_common():
+      found = sorted(sizes[fmt, mode], key=lambda s: s[0] * s[1])
+      shape = (f'{found[0][0]}x{found[0][1]}' if len(found) == 1 else
+               f'{len(found)} sizes from {found[0][0]}x{found[0][1]} to '
+               f'{found[-1][0]}x{found[-1][1]}')
+      parts.append(f'{n:,} {_MODES.get(mode, mode)} {fmt}{"s" if n != 1 else ""} of {shape}')
+    return f'{head}: {", ".join(parts)}'
+  if isinstance(source, ArraySource):
+    return f'{head}, in memory, {source.images.shape[2]}x{source.images.shape[1]}'
+  return f'{head}, TFDS records'
 
 
 def fingerprint(source) -> dict:

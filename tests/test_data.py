@@ -372,3 +372,16 @@ def test_cub_files_that_would_mislead_are_refused_naming_the_file(tmp_path, edit
     f.write(text.replace(old, new, 1))
   with pytest.raises(ValueError, match=pattern):
     sources.cub_source(root, 'train')
+
+
+def test_a_split_says_what_it_holds_and_how_it_is_taken(tmp_path):
+  for i in range(3):
+    Image.fromarray(np.full((28, 28), 10 * i, np.uint8)).save(tmp_path / f'{i}.png')
+  Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / 'c.jpg')
+  source = sources.FileSource([str(tmp_path / f) for f in ('0.png', '1.png', '2.png', 'c.jpg')],
+                              [0, 0, 1, 1], ['a', 'b'])
+  assert sources.describe(source) == ('4 images of 2 classes: 3 grey (as RGB) PNGs of 28x28, '
+                                      '1 RGB JPEG of 30x20')
+  preprocess = data.get_preprocess(_config(image_size=32, augment='crop_flip'))
+  assert preprocess.describe().startswith('the shorter side resized to 37, cropped to 32x32')
+  assert preprocess.describe().endswith("normalised with CIFAR-10's statistics")
