@@ -7,8 +7,10 @@ r"""Runs an experiment of the paper from an ml_collections config file.
 A workdir that holds an interrupted run of the same config resumes it.
 """
 
+import os
 import signal
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -29,6 +31,8 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, to joi
                     'run without detection (several GPU machines, or CPU processes).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the run, with --coordinator_address.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
+flags.DEFINE_integer('coordinator_timeout_s', 300, 'Seconds that the processes of a multi-host '
+                     'run wait for each other to join before failing.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -86,15 +90,61 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(str(e))
 
 
+def _join_hosts() -> None:
+  """Joins a multi-host run where the flags ask for one, or fails in one line: flags that
+  cannot describe one, or processes that did not all join within --coordinator_timeout_s."""
+  address, count, index = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  if not address and not FLAGS.multihost:
+    if count is not None or index is not None:
+      _fail('flags --num_processes and --process_id join a multi-host run: give '
+            '--coordinator_address=host:port too (or --multihost where the environment '
+            'describes the run).')
+    return
+  if FLAGS.coordinator_timeout_s < 1:
+    _fail(f'flag --coordinator_timeout_s: expected seconds >= 1, got '
+          f'{FLAGS.coordinator_timeout_s}.')
+  if address:
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      _fail(f'flag --coordinator_address: expected host:port (a port in 1..65535), got '
+            f'{address!r}.')
+    if count is None or index is None or count < 1 or not 0 <= index < count:
+      _fail(f'flags --num_processes and --process_id: expected a count >= 1 and an id in '
+            f'0 .. count - 1, got {count} and {index}.')
+  where = f'{address} as process {index} of {count}' if address else 'the detected run'
+  timeout = FLAGS.coordinator_timeout_s
+  print(f'Joining the multi-host run at {where}: waiting up to {timeout} s for every process.',
+        flush=True)
+  # JAX aborts the process (no exception) when its own timeout expires: ours comes first.
+  watchdog = threading.Timer(timeout, _give_up, (f'the processes of the run did not all join '
+                                                 f'{where} within {timeout} s: start the others '
+                                                 'with the same --coordinator_address and '
+                                                 '--num_processes, each with its own '
+                                                 '--process_id, or raise '
+                                                 '--coordinator_timeout_s.',))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(address, count, index, initialization_timeout=timeout + 60)
+  except Exception as e:  # pylint: disable=broad-except  (JAX raises several kinds here)
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    _fail(f'could not join {where}: {first}.')
+  finally:
+    watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+  """Ends the process at once from the watchdog's thread, saying why."""
+  print(f'Error: {message}', file=sys.stderr, flush=True)
+  os._exit(2)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # Orbax and JAX are chatty at INFO.
     logging.set_verbosity(logging.WARNING)
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif FLAGS.multihost:
-    jax.distributed.initialize()
+  _join_hosts()
   try:
     experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
   except trainer.Preempted as e:

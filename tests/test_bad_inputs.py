@@ -6,6 +6,7 @@ matching its pattern; a listener on JAX's compilation events proves nothing was 
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -240,6 +241,38 @@ def test_bad_flag_is_one_short_message(flag, pattern, tmp_path):
   assert process.returncode != 0 and re.search(pattern, process.stderr), process.stderr
   assert 'Traceback' not in process.stderr and len(process.stderr.splitlines()) <= 6, \
       process.stderr
+
+
+@pytest.mark.parametrize('flags,pattern', [
+    (['--num_processes=2', '--process_id=1'], r'flags --num_processes and --process_id join a '
+     r'multi-host run: give --coordinator_address'),
+    (['--coordinator_address=localhost', '--num_processes=2', '--process_id=0'],
+     r"--coordinator_address: expected host:port .* got 'localhost'"),
+    (['--coordinator_address=localhost:1234', '--num_processes=2', '--process_id=5'],
+     r'expected a count >= 1 and an id in 0 .. count - 1, got 2 and 5'),
+])
+def test_host_flags_that_describe_no_run_are_one_line(flags, pattern, tmp_path):
+  process = _main(f'--config={ROOT}/experiments/configs/quickstart.py:tiny',
+                  f'--workdir={tmp_path}', *flags)
+  assert process.returncode == 2 and re.search(pattern, process.stderr), process.stderr
+  assert 'Traceback' not in process.stderr and len(process.stderr.splitlines()) <= 2
+  assert not os.listdir(tmp_path)
+
+
+def test_a_host_whose_peers_never_join_stops_after_the_timeout_saying_so(tmp_path):
+  """One of two processes started: it says what it waits for, and after
+  --coordinator_timeout_s one line (JAX's own expiry aborts the process with a stack dump)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  process = _main(f'--config={ROOT}/experiments/configs/quickstart.py:tiny',
+                  f'--workdir={tmp_path}', f'--coordinator_address=127.0.0.1:{port}',
+                  '--num_processes=2', '--process_id=0', '--coordinator_timeout_s=3')
+  assert process.returncode == 2, process.stderr
+  assert 'waiting up to 3 s for every process' in process.stdout
+  assert re.fullmatch(r'Error: the processes of the run did not all join 127.0.0.1:\d+ as '
+                      r'process 0 of 2 within 3 s: .*--coordinator_timeout_s.\n',
+                      process.stderr), process.stderr
 
 
 def test_unknown_variant_is_named_with_the_known_ones(tmp_path):
