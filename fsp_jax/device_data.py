@@ -13,6 +13,7 @@ Every local device holds the whole split, so that it can gather any example of a
 without communicating; a split that does not fit stays on the host (`data.train_batches`).
 """
 
+import os
 from typing import NamedTuple
 
 from flax import jax_utils
@@ -29,6 +30,35 @@ class Placed(NamedTuple):
   images: jax.Array
   labels: jax.Array
   teacher_fsp: tuple | None = None
+
+
+# The share of one device's memory that the training split may take on it.
+MAX_SHARE = 0.25
+
+
+def device_memory() -> int:
+  """Bytes of memory of one local device: its allocator's limit where it reports one (GPUs,
+  TPUs), else the host's physical memory (a CPU device's arrays live there)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit'])
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_fits(source, preprocess: data.Preprocess) -> None:
+  """Raises ValueError, before any image but the first is resized, where the split at its
+  working size would take more than MAX_SHARE of one device's memory (of the host's, for
+  every local CPU device together: each holds a copy)."""
+  shape = preprocess.resized(source[0][0]).shape
+  size = len(source) * int(np.prod(shape))
+  copies = jax.local_device_count() if jax.local_devices()[0].platform == 'cpu' else 1
+  memory = device_memory()
+  if size * copies > MAX_SHARE * memory:
+    raise ValueError(f'config.data.on_device: the training split is {size / 2**30:.2f} GiB at '
+                     f'its working size ({len(source):,} images of {shape[1]}x{shape[0]}'
+                     f'{f", {copies} copies" if copies > 1 else ""}), more than '
+                     f'{MAX_SHARE:.0%} of a device\'s {memory / 2**30:.1f} GiB. Leave on_device '
+                     'False for this data set (or lower data.image_size).')
 
 
 def stored_images(source, preprocess: data.Preprocess) -> tuple[np.ndarray, np.ndarray]:

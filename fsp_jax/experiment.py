@@ -129,8 +129,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     except ValueError as e:
       raise ValueError(f'config.teacher.checkpoint: {e} config.teacher.model, .width and '
                        '.num_classes (0: the data set\'s classes) describe the teacher.') from None
-  stored = (device_data.stored_images(train_source, data.get_preprocess(config.data))
-            if config.data.on_device else None)
+  stored = None
+  if config.data.on_device:
+    device_data.check_fits(train_source, data.get_preprocess(config.data))
+    stored = device_data.stored_images(train_source, data.get_preprocess(config.data))
   layout = Layout(workdir)
   workdir_lib.create(workdir)
   with workdir_lib.lock(workdir):

@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -168,3 +169,23 @@ def test_resumed_run_with_data_on_device_and_calls_of_four_equals_uninterrupted(
   experiment.train_and_evaluate(config, resumed)
   for a, b in zip(_model(whole), _model(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_split_too_large_for_the_device_is_refused_before_it_is_resized(monkeypatch):
+  """1,437 digits at 64 px are 17.7 MB (x 4 CPU copies); against 100 MB of device memory they
+  exceed a quarter: one line naming the key, and no image past the first resized."""
+  source = sources.digits_source('train', 16)
+  preprocess = data.get_preprocess(ml_collections.ConfigDict(
+      dict(image_size=64, augment='cifar', normalize='cifar')))
+  monkeypatch.setattr(device_data, 'device_memory', lambda: 100 * 2**20)
+  resized = []
+  original = preprocess.resized
+  monkeypatch.setattr(data.Preprocess, 'resized', lambda self, image: resized.append(1) or
+                      original(image))
+  with pytest.raises(ValueError, match=r'config.data.on_device: the training split is 0.02 GiB '
+                                       r'.*1,437 images of 64x64, 4 copies.*more than 25% of a '
+                                       r"device's 0.1 GiB"):
+    device_data.check_fits(source, preprocess)
+  assert len(resized) == 1
+  monkeypatch.setattr(device_data, 'device_memory', lambda: 2**30)
+  device_data.check_fits(source, preprocess)
