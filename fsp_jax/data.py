@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import itertools
 import os
+import threading
+import time
 from typing import Any, Iterator
 
 from absl import flags
@@ -184,6 +186,20 @@ class _EvalBatch:
             'mask': mask}
 
 
+def _end_with_parent(worker_index: int, worker_count: int) -> None:
+  """Run in each worker process: it exits once the process that started it is gone (killed
+  with -9, say), instead of living on with its shared memory."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
 def _read(batches: grain.MapDataset, workers: int) -> Iterator[dict]:
   """The elements of batches in order, computed ahead by threads (in worker processes, if
   any); the threads and processes stop when this generator is closed or dropped."""
@@ -193,7 +209,8 @@ def _read(batches: grain.MapDataset, workers: int) -> Iterator[dict]:
   if workers:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (main.py parses them).
       flags.FLAGS.mark_as_parsed()
-    ahead = ahead.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    ahead = ahead.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                              worker_init_fn=_end_with_parent)
   iterator = iter(ahead)
   try:
     yield from iterator
