@@ -315,7 +315,8 @@ def table_section(name: str, workdir: str, out_dir: str) -> list[str]:
            f'Ours: {config["teacher"]["model"]} -> {config["student"]["model"]} on '
            f'{data["root"] or data["name"]}{subset}, image size {data["image_size"]}, batch '
            f'{config["batch_size"]}; seeds {config["seed"]}..'
-           f'{config["seed"] + config["num_nets"] - 1} (net k uses seed + k - 1). Accuracy in %; '
+           f'{config["seed"] + max(len(row["nets"]) for row in run["rows"]) - 1} (net k uses '
+           'seed + k - 1; a row of fewer nets has the first seeds). Accuracy in %; '
            '#Iter is one net\'s iterations, stage 1 included; the paper\'s #Iter counts the '
            'three nets of a row together (its teacher\'s 192k = 3 x 64k); Wall is the time '
            'of all the nets of a row.\n',

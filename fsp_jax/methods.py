@@ -23,6 +23,13 @@ from fsp_jax.schedules import Schedule, schedule
 from fsp_jax.terms import Phase, Term, stage_outputs
 
 
+# Settings that change how a run goes (how it reports, saves and reads), not what it computes:
+# the workdir's config check and each net's settings both leave them out, so that a run can
+# resume with other values of them.
+NEUTRAL_KEYS = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+                'eval_batch_size', 'data.workers')
+
+
 def _plain(config, backbone, mine, theirs) -> Student:
   del config, mine, theirs
   return Student(backbone)
@@ -115,7 +122,7 @@ class Method:
       network.pop('num_nets')
     shared = {key: config[key] for key in ('batch_size', 'weight_decay', 'momentum', 'dtype',
                                            'seed')}
-    data = {k: v for k, v in config.data.to_dict().items() if k != 'workers'}
+    data = {k: v for k, v in config.data.to_dict().items() if f'data.{k}' not in NEUTRAL_KEYS}
     teacher = {k: v for k, v in config.teacher.to_dict().items() if k != 'num_nets'} if (
         self.uses_teacher(config)) else None
     phases = [{'name': p.name, 'schedule': list(p.schedule), 'max_grad_norm': p.max_grad_norm,

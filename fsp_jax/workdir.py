@@ -19,11 +19,10 @@ import ml_collections
 import numpy as np
 
 from fsp_jax import layout as layout_lib
+from fsp_jax import methods
 from fsp_jax.layout import Layout
 
-# Settings that change how a run reports and saves, not its results.
-NEUTRAL_KEYS = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-                'eval_batch_size')
+NEUTRAL_KEYS = methods.NEUTRAL_KEYS  # How a run goes, not what it computes.
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

@@ -239,3 +239,15 @@ def test_a_workdir_is_bound_to_its_data(tmp_path):
   with pytest.raises(ValueError, match=r'net1/test_probs.npy holds \d test examples, the test '
                                        r'split \d'):
     experiment.train_and_evaluate(_folder_config(root), run, allow_config_change=True)
+
+
+def test_a_setting_of_how_fast_a_run_goes_does_not_bind_the_workdir(tmp_path):
+  """data.workers changes how a run reads, not what it computes: a finished workdir reruns
+  with another value, and the nets' settings leave it out (one list, methods.NEUTRAL_KEYS)."""
+  experiment.train_and_evaluate(_config(), str(tmp_path))
+  changed = _config()
+  changed.data.workers = 1
+  experiment.train_and_evaluate(changed, str(tmp_path))
+  settings = Layout(str(tmp_path)).net('scratch', 1).settings
+  with open(settings) as f:
+    assert 'workers' not in json.load(f)['data']
