@@ -62,11 +62,11 @@ def _on_signal(signum, frame):
 
 def install_preemption_handler() -> None:
   """Makes SIGTERM, SIGINT and SIGHUP stop training at the next step, after a checkpoint (a
-  second SIGINT aborts at once). A signal already ignored stays so (`nohup` ignores SIGHUP, so
-  that the run outlives its terminal). Main thread only."""
+  second SIGINT aborts at once). A SIGHUP already ignored stays so: `nohup` ignores it so that
+  the run outlives its terminal. Main thread only."""
   if threading.current_thread() is threading.main_thread():
     for signum in _SIGNALS:
-      if signal.getsignal(signum) is not signal.SIG_IGN:
+      if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
         signal.signal(signum, _on_signal)
 
 

@@ -204,7 +204,8 @@ def test_a_signal_saves_a_checkpoint_at_the_next_step_committed_before_it_says_s
   save points saves step 2000; the line printed before the save finds no checkpoint there."""
   process = subprocess.Popen(_scratch_run(tmp_path, steps=2000, checkpoint_every=2000),
                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+                             text=True,  # As from a terminal: under nohup SIGHUP is ignored.
+                             preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
   seen = _read_steps(process, 3)
   process.send_signal(signum)
   output = _read_until(process, r'saved a checkpoint at step')
