@@ -112,10 +112,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_source = sources.get_source(config.data, config.data.train_split)
   eval_source = sources.get_source(config.data, config.data.eval_split)
   config_lib.validate_data(config, train_source, eval_source)
+  preprocess = data.get_preprocess(config.data)
   for split, source in ((config.data.train_split, train_source),
                         (config.data.eval_split, eval_source)):
     logs.say(f'Data, {split} split: {sources.describe(source)}.')
-  logs.say(f'Images: {data.get_preprocess(config.data).describe()}.')
+  logs.say(f'Images: {preprocess.describe()}.')
   num_classes = train_source.num_classes
   teacher = Student(build_model(config.teacher, config.teacher.num_classes or num_classes,
                                 config.dtype))
@@ -131,8 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        '.num_classes (0: the data set\'s classes) describe the teacher.') from None
   stored = None
   if config.data.on_device:
-    device_data.check_fits(train_source, data.get_preprocess(config.data))
-    stored = device_data.stored_images(train_source, data.get_preprocess(config.data))
+    device_data.check_fits(train_source, preprocess)
+    stored = device_data.stored_images(train_source, preprocess)
   layout = Layout(workdir)
   workdir_lib.create(workdir)
   with workdir_lib.lock(workdir):
@@ -145,8 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logs.say(f'Note: config.steps_per_call={config.steps_per_call} runs the steps of a call in '
                'a loop, whose convolution gradients XLA:CPU runs about 20x slower '
                '(jax-ml/jax#12868); it is meant for GPUs and TPUs.')
-    ctx = trainer.Context(config, layout, train_source, eval_source,
-                          data.get_preprocess(config.data))
+    ctx = trainer.Context(config, layout, train_source, eval_source, preprocess)
     rows = []
     if needs_teacher and teacher_variables is None:
       teacher_variables, rows = _train_teachers(ctx, teacher)
