@@ -113,11 +113,17 @@ def bind_config(workdir: str, config: ml_collections.ConfigDict,
         'settings by passing --allow_config_change (nets already finished are kept).')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('config read')
+  _record(path, config.to_json_best_effort(indent=1), replaced=bool(changes))
+
+
+def _record(path: str, text: str, replaced: bool) -> None:
+  """Process 0 writes text to path in one step (through path.tmp); a replaced record is kept
+  beside the new one as path.<time>: it describes the results made before."""
   if jax.process_index() == 0:
-    if changes:  # Kept beside the new one: it describes the results made before.
+    if replaced:
       os.replace(path, f'{path}.{datetime.datetime.now():%Y%m%d-%H%M%S}')
     with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+      f.write(text)
     os.replace(path + '.tmp', path)
 
 
@@ -154,12 +160,8 @@ def bind_data(workdir: str, fingerprints: dict, allow_change: bool = False) -> N
                      'or continue with --allow_config_change (nets already finished are kept).')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('data read')
-  if jax.process_index() == 0 and (changes or not os.path.exists(path)):
-    if changes:
-      os.replace(path, f'{path}.{datetime.datetime.now():%Y%m%d-%H%M%S}')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(fingerprints, f, indent=1)
-    os.replace(path + '.tmp', path)
+  if changes or not os.path.exists(path):
+    _record(path, json.dumps(fingerprints, indent=1), replaced=bool(changes))
 
 
 def _alive(pid: int) -> bool:
