@@ -190,9 +190,8 @@ def load_variables(path: str, model, image_size: int) -> dict:
     raise ValueError(f'{path} is {"a file" if os.path.exists(path) else "absent"}; expected '
                      f'the folder of an Orbax checkpoint of {described}.')
   held = set(os.listdir(path))
-  if not held or {'state', 'history'} <= held or '_METADATA' not in held:
-    what = ('is empty' if not held else 'is a training checkpoint (a phase\'s step)'
-            if {'state', 'history'} <= held else 'holds no Orbax checkpoint of variables')
+  if not held or {'state', 'history'} <= held:  # Anything else: Orbax's own error, below.
+    what = 'is empty' if not held else 'is a training checkpoint (a phase\'s step)'
     raise ValueError(f'{path} {what}; a teacher is a finished net\'s model folder, '
                      '<workdir>/<method>/net<k>/model, or `python -m fsp_jax.convert`\'s output.')
   try:
