@@ -75,7 +75,31 @@ def default() -> ml_collections.ConfigDict:
   for method in methods.METHODS.values():
     if method.section:
       c[method.section] = method.defaults()
+  _refuse_bools(c)
   return c
+
+
+class _Real(ml_collections.FieldReference):
+  """A float setting that refuses True and False, which ml_collections would otherwise store
+  as 1.0 and 0.0 (so that `max_grad_norm = False` would silently turn clipping off)."""
+
+  def __init__(self, value: float):
+    super().__init__(value, field_type=float)
+
+  def set(self, value, type_safe=True):
+    if isinstance(value, bool):
+      raise TypeError(f'expected a number, got {value} (a bool, which would be read as '
+                      f'{float(value)}).')
+    super().set(value, type_safe)
+
+
+def _refuse_bools(config: ml_collections.ConfigDict) -> None:
+  """Makes every float leaf of `config` a `_Real`."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _refuse_bools(value)
+    elif isinstance(value, float):
+      config[key] = _Real(value)
 
 
 def method_list(config: ml_collections.ConfigDict) -> list[str]:

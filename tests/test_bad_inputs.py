@@ -16,6 +16,7 @@ import pytest
 from configs import common
 from fsp_jax import config as config_lib
 from fsp_jax import experiment
+from fsp_jax import workdir as workdir_lib
 import helpers
 import test_data
 
@@ -285,6 +286,21 @@ def test_unknown_variant_is_named_with_the_known_ones(tmp_path):
       process.stderr
 
 
+def test_every_float_key_refuses_a_bool_and_takes_an_int():
+  """ml_collections stores True as 1.0 in a float field: each such key refuses it instead."""
+  config = config_lib.default()
+  floats = [key for key, value in workdir_lib._flat(config.to_dict()).items()  # pylint: disable=protected-access
+            if isinstance(value, float)]
+  assert {'weight_decay', 'fsp.max_grad_norm', 'kd.temperature', 'at.weight'} <= set(floats)
+  for key in floats:
+    section, _, name = key.rpartition('.')
+    node = config_lib._get(config, section) if section else config  # pylint: disable=protected-access
+    with pytest.raises(TypeError, match=f"'{name}'.*got True"):
+      node[name] = True
+    node[name] = 2
+    assert node[name] == 2.0 and isinstance(node[name], float), key
+
+
 def test_the_compilation_listener_sees_a_compilation():
   """The positive control of 'nothing compiled' above: a new jitted function is seen."""
   COMPILATIONS.clear()
@@ -300,6 +316,9 @@ def test_the_compilation_listener_sees_a_compilation():
      'dict, expected an ml_collections.ConfigDict'),
     ('CONFIG = 1\n', r'bad\.py: defines no get_config\(\)'),
     ('def get_config():\n  return 1 / 0\n', r'bad\.py, line 2: ZeroDivisionError: '),
+    ('from fsp_jax import config\ndef get_config():\n  c = config.default()\n'
+     '  c.fsp.max_grad_norm = False\n  return c\n', r"bad\.py, line 4: TypeError: Could not "
+     r"override field 'max_grad_norm' .*got False \(a bool, which would be read as 0\.0\)"),
 ])
 def test_config_file_that_fails_to_load_is_one_line(text, pattern, tmp_path):
   path = tmp_path / 'bad.py'
