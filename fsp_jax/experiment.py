@@ -6,7 +6,11 @@ phases in the workdir are reused, so an interrupted experiment resumes where it 
 """
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
+import zipfile
 
 import jax
 import ml_collections
@@ -57,13 +61,55 @@ def load_teacher(path: str, teacher: Student, image_size: int) -> dict:
 
 def teacher_fsp_cache(teacher, variables, source, preprocess, batch_size: int) -> tuple:
   """The teacher's FSP matrices of every example of source, seen as in evaluation (no
-  augmentation): a [N, M, N'] float32 array per stage, on every host.
+  augmentation): a [N, M, N'] float32 array per stage, on every host. A signal stops it within
+  a batch (trainer.Preempted).
 
   variables are replicated over the local devices.
   """
   matrices, _ = trainer.predict(steps.make_fsp_step(teacher), variables, source, preprocess,
-                                batch_size)
+                                batch_size, interruptible="teacher's FSP matrices")
   return tuple(matrices)
+
+
+def _cache_key(variables, train_data: dict, preprocess: data.Preprocess, dtype: str) -> str:
+  """A digest of what the teacher's cached matrices depend on: its variables (replicated), the
+  training split's fingerprint, how images are taken and the computation dtype."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(variables):
+    digest.update(np.asarray(leaf[0]).tobytes())
+  digest.update(json.dumps([train_data, preprocess.describe(), dtype]).encode())
+  return digest.hexdigest()
+
+
+def _saved_teacher_fsp(ctx: trainer.Context, teacher: Student, variables,
+                       train_data: dict) -> tuple:
+  """teacher_fsp_cache, read from the workdir where a run computed it from the same teacher,
+  training images and dtype; otherwise computed, then saved there by process 0 so that a
+  resumed run does not compute it again."""
+  path, key, start = ctx.layout.teacher_fsp, _cache_key(
+      variables, train_data, ctx.preprocess, ctx.config.dtype), time.time()
+  if os.path.exists(path):
+    try:
+      with np.load(path) as saved:
+        if str(saved['key']) == key:
+          logs.say(f"Read the teacher's FSP matrices of {len(ctx.train_source)} training "
+                   f'images from {path}.')
+          return tuple(saved[f'stage{i}'] for i in range(len(saved.files) - 1))
+      logs.say(f'{path} holds the matrices of another teacher, training split or dtype: '
+               'computing them anew.')
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      logs.say(f'{path} cannot be read ({e}): computing the matrices anew.')
+  cache = teacher_fsp_cache(teacher, variables, ctx.train_source, ctx.preprocess,
+                            ctx.config.eval_batch_size)
+  logs.say(f"Cached the teacher's FSP matrices of {len(ctx.train_source)} training images in "
+           f'{logs.duration(time.time() - start)} ({sum(g.nbytes for g in cache) / 2**20:.0f} '
+           f'MiB, saved in {path}).')
+  if jax.process_index() == 0:
+    with checkpoints.writing(path, 'nothing else was changed'):
+      with open(path + '.tmp', 'wb') as f:
+        np.savez(f, key=key, **{f'stage{i}': g for i, g in enumerate(cache)})
+      os.replace(path + '.tmp', path)
+  return cache
 
 
 def _row(ctx: trainer.Context, method: methods.Method, finished: list[dict]) -> list[dict]:
@@ -78,7 +124,8 @@ def _teacher_row(ctx: trainer.Context, teacher: Student, variables) -> dict:
   """The row of a teacher loaded from its checkpoint: its test accuracy (process 0 saves its
   test probabilities and the labels, so that the accuracy can be recomputed)."""
   metrics, probs, labels = trainer.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
-                                            ctx.config.eval_batch_size)
+                                            ctx.config.eval_batch_size,
+                                            interruptible="the teacher's test accuracy")
   if jax.process_index() == 0:
     for path, array in ((ctx.layout.teacher_test_probs, probs.astype(np.float32)),
                         (ctx.layout.test_labels, labels)):
@@ -138,9 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir_lib.create(workdir)
   with workdir_lib.lock(workdir):
     workdir_lib.bind_config(workdir, config, allow_config_change)
-    workdir_lib.bind_data(workdir, {'train': sources.fingerprint(train_source),
-                                    'test': sources.fingerprint(eval_source)},
-                          allow_config_change)
+    fingerprints = {'train': sources.fingerprint(train_source),
+                    'test': sources.fingerprint(eval_source)}
+    workdir_lib.bind_data(workdir, fingerprints, allow_config_change)
     trainer.install_preemption_handler()
     if config.steps_per_call > 1 and jax.default_backend() == 'cpu':
       logs.say(f'Note: config.steps_per_call={config.steps_per_call} runs the steps of a call in '
@@ -153,13 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     elif needs_teacher and not config.teacher.num_classes:  # Other classes: no accuracy here.
       rows = [_teacher_row(ctx, teacher, teacher_variables)]
     if any(phase.cached_fsp for m in chosen for phase in m.phases(config)):
-      start = time.time()
-      cache = teacher_fsp_cache(teacher, teacher_variables, train_source, ctx.preprocess,
-                                config.eval_batch_size)
-      logs.say(f'Cached the teacher\'s FSP matrices of {len(train_source)} training images in '
-               f'{logs.duration(time.time() - start)} ({sum(g.nbytes for g in cache) / 2**20:.0f}'
-               ' MiB).')
-      ctx = dataclasses.replace(ctx, teacher_fsp=cache)
+      ctx = dataclasses.replace(ctx, teacher_fsp=_saved_teacher_fsp(
+          ctx, teacher, teacher_variables, fingerprints['train']))
     if stored is not None:
       ctx = dataclasses.replace(ctx, placed=device_data.place(*stored, ctx.teacher_fsp))
     for method in chosen:

@@ -4,6 +4,7 @@
     <workdir>/data.json         its splits' fingerprints (data.json.<time>: data replaced)
     <workdir>/lock.json         the process writing the workdir
     <workdir>/results.md, results.json, test_labels.npy, teacher_test_probs.npy
+    <workdir>/teacher_fsp.npz   the teacher's FSP matrices of every training image (fsp.cache)
     <workdir>/<method>/net<k>/  net k = 1, 2, ... of a method ('teacher' for a teacher
         <phase>/<step>/         trained here): its phases' checkpoints, the settings they
         settings.json           were made with,
@@ -98,6 +99,12 @@ class Layout:
   def teacher_test_probs(self) -> str:
     """The test probabilities [N, classes] of a teacher loaded from its checkpoint."""
     return os.path.join(self.root, 'teacher_test_probs.npy')
+
+  @property
+  def teacher_fsp(self) -> str:
+    """The teacher's FSP matrices of every training image ('stage0', ...) and 'key', what
+    they were computed from (config.fsp.cache)."""
+    return os.path.join(self.root, 'teacher_fsp.npz')
 
   def net(self, method: str, net: int) -> NetFiles:
     """Net `net` (1, 2, ...) of a method."""

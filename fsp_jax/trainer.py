@@ -81,6 +81,13 @@ def preemption_requested(sync_point: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(flag)))
 
 
+def _preempted(where: str, what: str) -> Preempted:
+  """The exception that ends a run after the last signal received, saying what was done."""
+  signum = _received[-1] if _received else signal.SIGTERM
+  return Preempted(f'[{where}] {_SIGNALS[signum]}: {what}; run the same command again to '
+                   'resume.', signum)
+
+
 @dataclasses.dataclass(frozen=True)
 class Every:
   """Whether a periodic action is due after `step` steps of a phase of `end` steps: every
@@ -150,18 +157,23 @@ def gather_in_order(chunks: list[np.ndarray]) -> np.ndarray:
   return np.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:])
 
 
-def predict(step, variables, source, preprocess: data.Preprocess, batch_size: int):
+def predict(step, variables, source, preprocess: data.Preprocess, batch_size: int,
+            interruptible: str = ''):
   """One pass of a pmapped step(variables, sharded batch) -> per-example outputs [devices, b,
   ...] over a split in order: (outputs [N, ...] of every example, labels [N]) on every host.
   Batches hold batch_size examples, or the split's whole where that is fewer (rounded up to the
-  devices), so a large batch_size pads nothing.
+  devices), so a large batch_size pads nothing. `interruptible` (a name for the pass): a signal
+  stops the pass within a batch, raising Preempted.
 
   variables are replicated over the local devices.
   """
   outputs, labels, masks = [], [], []
   devices = jax.device_count()  # A batch need not be larger than the split, whole per device.
   batch_size = min(batch_size, -(-len(source) // devices) * devices)
-  for batch in data.eval_batches(source, preprocess, batch_size):
+  for i, batch in enumerate(data.eval_batches(source, preprocess, batch_size)):
+    if interruptible and preemption_requested(sync_point=True):
+      raise _preempted(interruptible, f'stopped after {i} of {-(-len(source) // batch_size)} '
+                       'batches, before anything was saved')
     out = step(variables, data.shard(batch, jax.local_device_count()))
     outputs.append(jax.tree_util.tree_map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]),
                                           out))
@@ -173,12 +185,15 @@ def predict(step, variables, source, preprocess: data.Preprocess, batch_size: in
   return outputs, gather_in_order(labels)[mask]
 
 
-def evaluate(model, variables, source, preprocess: data.Preprocess, batch_size: int):
-  """Accuracy and loss over a split; its probabilities [N, classes] and labels [N], in order.
+def evaluate(model, variables, source, preprocess: data.Preprocess, batch_size: int,
+             interruptible: str = ''):
+  """Accuracy and loss over a split; its probabilities [N, classes] and labels [N], in order
+  (`interruptible`: as for predict).
 
   variables are replicated over the local devices.
   """
-  out, labels = predict(steps.make_eval_step(model), variables, source, preprocess, batch_size)
+  out, labels = predict(steps.make_eval_step(model), variables, source, preprocess, batch_size,
+                        interruptible)
   metrics = {'accuracy': float(np.mean(np.argmax(out['probs'], -1) == labels)),
              'loss': float(np.mean(out['loss']))}
   return metrics, out['probs'], labels
@@ -346,9 +361,7 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
         saved.save(done, jax.device_get(jax_utils.unreplicate(replicated)), history.to_json())
         last_saved = f'the last good checkpoint is step {done} in {saved.directory}'
       if stop:
-        signum = _received[-1] if _received else signal.SIGTERM
-        raise Preempted(f'[{where}] {_SIGNALS[signum]}: saved a checkpoint at step {done} in '
-                        f'{saved.directory}; run the same command again to resume.', signum)
+        raise _preempted(where, f'saved a checkpoint at step {done} in {saved.directory}')
   finally:
     saved.close()
   return jax.device_get(jax_utils.unreplicate(replicated)).variables(), history

@@ -3,9 +3,11 @@
 import json
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
+import pytest
 from tensorboardX.proto import event_pb2
 
 from configs import common
@@ -34,7 +36,7 @@ def _final_params(workdir, method):
     return checkpointer.restore(os.path.abspath(os.path.join(workdir, method, 'net1', 'model')))
 
 
-def test_cached_run_trains(tmp_path):
+def test_cached_run_trains_and_a_resumed_run_reads_the_saved_matrices(tmp_path, capsys):
   config = common.tiny(config_lib.default())
   config.methods, config.num_nets, config.fsp.cache = 'fsp', 1, True
   config.teacher.model = config.student.model = 'resnet8'
@@ -43,6 +45,42 @@ def test_cached_run_trains(tmp_path):
   with open(tmp_path / 'fsp' / 'net1' / 'result.json') as f:
     stage1 = [loss for _, phase, loss in json.load(f)['history']['train'] if phase == 'stage1']
   assert len(stage1) == config.fsp.stage1.until[-1] and np.all(np.isfinite(stage1))
+  saved = Layout(str(tmp_path)).teacher_fsp
+  assert "Cached the teacher's FSP matrices" in capsys.readouterr().out
+  with np.load(saved) as f:
+    first = {k: f[k] for k in f.files}
+  config.num_nets = 2  # Net 2 needs the matrices: read, not computed.
+  experiment.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+  out = capsys.readouterr().out
+  assert "Read the teacher's FSP matrices" in out and 'Cached' not in out
+  # The saved matrices are those of another teacher: computed anew (and saved again).
+  np.savez(saved, **{**first, 'key': 'another teacher'})
+  config.num_nets = 3
+  experiment.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+  assert 'holds the matrices of another teacher' in capsys.readouterr().out
+  with np.load(saved) as f:
+    assert {k: f[k].tolist() for k in f.files} == {k: v.tolist() for k, v in first.items()}
+
+
+def test_a_signal_stops_an_interruptible_pass_within_a_batch():
+  """The teacher's FSP cache (an evaluation pass over the training split) stops at the next
+  batch after a signal, instead of finishing the split first."""
+  source = sources.digits_source('test', 16)
+  preprocess = data.get_preprocess(_tiny_config('fsp').data)
+  calls = []
+
+  def step(variables, batch):  # Receives a signal during its first batch.
+    calls.append(batch['image'].shape)
+    trainer._on_signal(signal.SIGTERM, None)  # pylint: disable=protected-access
+    return jax.numpy.zeros(batch['image'].shape[:2])
+
+  try:
+    with pytest.raises(trainer.Preempted, match=r"\[pass\] SIGTERM: stopped after 1 of 15 "
+                       'batches'):
+      trainer.predict(step, None, source, preprocess, 24, interruptible='pass')
+  finally:
+    trainer._STOP.clear()  # pylint: disable=protected-access
+  assert len(calls) == 1
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path, capsys):
