@@ -3,7 +3,9 @@
 import itertools
 import multiprocessing
 import os
+import struct
 import threading
+import zlib
 
 import ml_collections
 import numpy as np
@@ -316,9 +318,29 @@ def test_every_png_mode_reads_as_its_values(tmp_path, mode):
   np.testing.assert_array_equal(read, np.repeat(expected[..., None], 3, -1))
 
 
-@pytest.mark.parametrize('mode', ['L', 'RGB'])
-def test_every_jpeg_mode_reads_as_rgb(tmp_path, mode):
-  Image.new(mode, (8, 8), 'white').save(tmp_path / 'x.jpg', quality=95)
+def _png_rgb16(path, rgb: np.ndarray) -> None:
+  """A 16-bit-per-channel RGB PNG of rgb [H, W, 3] uint16 (Pillow cannot write one)."""
+  def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack('>I', len(body)) + kind + body + struct.pack(
+        '>I', zlib.crc32(kind + body))
+  height, width, _ = rgb.shape
+  rows = b''.join(b'\0' + row.astype('>u2').tobytes() for row in rgb)
+  with open(path, 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 16, 2,
+                                                                   0, 0, 0)) +
+            chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
+def test_a_16_bit_colour_png_reads_as_its_values_scaled(tmp_path):
+  values = np.arange(4 * 4 * 3, dtype=np.uint16).reshape(4, 4, 3) * 5
+  _png_rgb16(tmp_path / 'x.png', values * 257)
+  read, _ = sources.FileSource([str(tmp_path / 'x.png')], [0], ['a'])[0]
+  np.testing.assert_array_equal(read, values)
+
+
+@pytest.mark.parametrize('mode,white', [('L', 255), ('RGB', (255,) * 3), ('CMYK', (0,) * 4)])
+def test_every_jpeg_mode_reads_as_rgb(tmp_path, mode, white):
+  Image.new(mode, (8, 8), white).save(tmp_path / 'x.jpg', quality=95)
   read, _ = sources.FileSource([str(tmp_path / 'x.jpg')], [0], ['a'])[0]
   assert read.shape == (8, 8, 3) and read.min() >= 250
 
