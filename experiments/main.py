@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from absl import app
 from absl import flags
@@ -19,7 +20,8 @@ import jax
 from ml_collections import config_flags
 
 from fsp_jax import config as config_lib
-from fsp_jax import experiment, trainer
+from fsp_jax import experiment, hosts, trainer
+from fsp_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
@@ -33,6 +35,8 @@ flags.DEFINE_integer('num_processes', None, 'Processes in the run, with --coordi
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 flags.DEFINE_integer('coordinator_timeout_s', 300, 'Seconds that the processes of a multi-host '
                      'run wait for each other to join before failing.')
+flags.DEFINE_integer('host_timeout_s', 60, 'Seconds without a heartbeat after which the other '
+                     'processes of a multi-host run take a process for lost, and stop.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -90,9 +94,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(str(e))
 
 
-def _join_hosts() -> None:
+def _join_hosts():
   """Joins a multi-host run where the flags ask for one, or fails in one line: flags that
-  cannot describe one, or processes that did not all join within --coordinator_timeout_s."""
+  cannot describe one, or processes that did not all join within --coordinator_timeout_s.
+  Returns hosts.watch's function that ends this process's heartbeat (None on one host)."""
   address, count, index = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   if not address and not FLAGS.multihost:
     if count is not None or index is not None:
@@ -100,9 +105,9 @@ def _join_hosts() -> None:
             '--coordinator_address=host:port too (or --multihost where the environment '
             'describes the run).')
     return
-  if FLAGS.coordinator_timeout_s < 1:
-    _fail(f'flag --coordinator_timeout_s: expected seconds >= 1, got '
-          f'{FLAGS.coordinator_timeout_s}.')
+  for name in ('coordinator_timeout_s', 'host_timeout_s'):
+    if FLAGS[name].value < 1:
+      _fail(f'flag --{name}: expected seconds >= 1, got {FLAGS[name].value}.')
   if address:
     host, _, port = address.rpartition(':')
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -125,12 +130,22 @@ def _join_hosts() -> None:
   watchdog.daemon = True
   watchdog.start()
   try:
-    jax.distributed.initialize(address, count, index, initialization_timeout=timeout + 60)
+    # JAX's heartbeat timeout aborts the process, holding the lock: ours (hosts.watch) first.
+    jax.distributed.initialize(address, count, index, initialization_timeout=timeout + 60,
+                               heartbeat_timeout_seconds=FLAGS.host_timeout_s + 60)
   except Exception as e:  # pylint: disable=broad-except  (JAX raises several kinds here)
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     _fail(f'could not join {where}: {first}.')
   finally:
     watchdog.cancel()
+  return hosts.watch(FLAGS.host_timeout_s, _lost_host)
+
+
+def _lost_host(message: str) -> None:
+  """Stops this process when another of the run is lost: the collectives cannot complete."""
+  workdir_lib.release(FLAGS.workdir)
+  _give_up(f'{message}: process {jax.process_index()} stops too. The last checkpoint is intact; '
+           'start every process again with the same command to resume.')
 
 
 def _give_up(message: str) -> None:
@@ -144,21 +159,35 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # Orbax and JAX are chatty at INFO.
     logging.set_verbosity(logging.WARNING)
-  _join_hosts()
+  end_heartbeat = _join_hosts()
   try:
     experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
-  except trainer.Preempted as e:
+  except trainer.Preempted as e:  # Every process stops at the same step.
     print(e, flush=True)
-    sys.exit(128 + e.signum)
+    _exit(128 + e.signum, end_heartbeat, together=True)
   except KeyboardInterrupt:  # A second Ctrl-C, or one before training began.
     print('Interrupted: nothing was saved since the last checkpoint; run the same command '
           'again to resume from it.', file=sys.stderr, flush=True)
-    sys.exit(128 + signal.SIGINT)
+    _exit(128 + signal.SIGINT, end_heartbeat, together=False)
   except (ValueError, RuntimeError, FloatingPointError) as e:  # The message says it all.
     if FLAGS['verbosity'].present:
       raise
     print(f'Error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1 if isinstance(e, FloatingPointError) else 2)
+    if end_heartbeat is not None and isinstance(e, jax.errors.JaxRuntimeError):
+      time.sleep(FLAGS.host_timeout_s + 10)  # A collective failed: the watch names whom.
+    _exit(1 if isinstance(e, FloatingPointError) else 2, end_heartbeat, together=False)
+  if end_heartbeat is not None:
+    end_heartbeat()
+
+
+def _exit(code: int, end_heartbeat, together: bool) -> None:
+  """Exits with code. A process of a multi-host run that may stop alone leaves at once: JAX's
+  shutdown would wait for the others, which stop when its heartbeat ends (hosts.watch)."""
+  if end_heartbeat is not None:
+    if not together:
+      os._exit(code)  # pylint: disable=protected-access
+    end_heartbeat()
+  sys.exit(code)
 
 
 if __name__ == '__main__':

@@ -236,5 +236,12 @@ def lock(workdir: str):
   try:
     yield
   finally:
-    if jax.process_index() == 0 and os.path.exists(path):
-      os.remove(path)
+    release(workdir)
+
+
+def release(workdir: str) -> None:
+  """Removes workdir's lock where this process holds it."""
+  path = Layout(workdir).lock
+  holder = _holder(path)
+  if holder and int(holder['pid']) == os.getpid() and holder['host'] == socket.gethostname():
+    os.remove(path)

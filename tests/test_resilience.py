@@ -18,7 +18,7 @@ import pytest
 import helpers
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import experiment
+from fsp_jax import experiment, hosts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.py') + ':tiny'
@@ -85,6 +85,41 @@ def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
     for a, b in zip(_params(path.format(tmp_path / 'one')), _params(path.format(tmp_path / 'two'))):
       assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max()), run
   assert (tmp_path / 'two' / 'results.md').exists()
+
+
+def test_a_silent_process_is_named_once_its_count_stops_for_the_timeout():
+  seen = {}
+  assert hosts.silent({1: '1', 2: '1', 3: 'done'}, seen, now=0.0, timeout_s=10) == []
+  assert hosts.silent({1: '2', 2: '1', 3: 'done'}, seen, now=9.0, timeout_s=10) == []
+  assert hosts.silent({1: '3', 2: '1', 3: 'done'}, seen, now=10.5, timeout_s=10) == [2]
+  assert hosts.silent({1: '3', 2: '2', 3: 'done'}, seen, now=19.0, timeout_s=10) == []
+
+
+@pytest.mark.slow
+def test_a_killed_host_stops_the_other_naming_it_and_releasing_the_lock(tmp_path):
+  """kill -9 of process 1 of 2 mid-run: process 0 stops within --host_timeout_s (plus its
+  check period), saying which process was lost, and removes the workdir's lock."""
+  port, workdir = _free_port(), tmp_path / 'run'
+  hosts_ = [subprocess.Popen(
+      _scratch_run(workdir, steps=2000, checkpoint_every=8) + [
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
+          '--host_timeout_s=5'], env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  try:
+    assert len(_read_steps(hosts_[0], 2)) >= 2
+    hosts_[1].kill()
+    hosts_[1].wait()
+    start = time.time()
+    out, _ = hosts_[0].communicate(timeout=60)
+  finally:
+    for process in hosts_:
+      process.kill()
+      process.wait()
+  assert time.time() - start < 30 and hosts_[0].returncode == 2, out[-2000:]
+  assert re.search(r'Error: process 1 of 2 sent no heartbeat for 5 s \(killed, or its machine '
+                   r'lost\): process 0 stops too\. The last checkpoint is intact', out), out
+  assert 'Traceback' not in out and 'Check failure' not in out, out[-3000:]
+  assert not (workdir / 'lock.json').exists()
 
 
 def _scratch_run(workdir, steps=24, checkpoint_every=4, keep=2):
