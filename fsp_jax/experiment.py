@@ -53,6 +53,31 @@ def build_student(method: methods.Method, config: ml_collections.ConfigDict, num
                      f'{method.name!r}: {e}') from e
 
 
+# The share of one device's memory that an evaluation batch's computation may take: the
+# training split may hold a quarter (device_data.MAX_SHARE), the train state and XLA the rest.
+EVAL_SHARE = 0.5
+
+
+def check_eval_batch(config: ml_collections.ConfigDict, networks: dict[str, Student],
+                     examples: int) -> None:
+  """Raises ValueError where evaluating one of the networks ({name: network}) on one device's
+  part of an evaluation batch over a split of `examples` would take more than EVAL_SHARE of a
+  device's memory (of the host's, for every local CPU device together)."""
+  devices = jax.device_count()
+  per_device = -(-min(config.eval_batch_size, -(-examples // devices) * devices) // devices)
+  copies = jax.local_device_count() if jax.local_devices()[0].platform == 'cpu' else 1
+  memory = device_data.device_memory()
+  for name, network in networks.items():
+    need = steps.eval_bytes(network, config.data.image_size, per_device)
+    if need and need * copies > EVAL_SHARE * memory:
+      fits = max(1, int(per_device * EVAL_SHARE * memory / (need * copies))) * devices
+      raise ValueError(f'config.eval_batch_size={config.eval_batch_size}: evaluating the '
+                       f'{name} on {per_device:,} images per device takes {need / 2**30:.2f} GiB '
+                       f'(XLA\'s figure){f" on each of {copies} devices" if copies > 1 else ""}, '
+                       f'more than {EVAL_SHARE:.0%} of a device\'s {memory / 2**30:.1f} GiB; '
+                       f'lower it to {fits:,} or less.')
+
+
 def load_teacher(path: str, teacher: Student, image_size: int) -> dict:
   """The teacher's {'params', 'batch_stats'} from a checkpoint of its network, replicated."""
   variables = checkpoints.load_variables(path, teacher.backbone, image_size)
@@ -169,6 +194,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 config.dtype))
   students = {m.name: build_student(m, config, num_classes, teacher) for m in chosen}
   needs_teacher = not chosen or any(m.uses_teacher(config) for m in chosen)
+  evaluated = {f'teacher ({config.teacher.model})': teacher} if needs_teacher or any(
+      m.network == 'teacher' for m in chosen) else {}
+  if any(m.network != 'teacher' for m in chosen):
+    evaluated[f'student ({config.student.model})'] = Student(
+        build_model(config.student, num_classes, config.dtype))
+  check_eval_batch(config, evaluated, max(len(eval_source), len(train_source) if any(
+      phase.cached_fsp for m in chosen for phase in m.phases(config)) else 0))
   teacher_variables = None
   if needs_teacher and config.teacher.checkpoint:
     try:

@@ -180,6 +180,21 @@ def make_eval_step(model: Student):
   return jax.pmap(step, axis_name='batch')
 
 
+def eval_bytes(model: Student, image_size: int, batch: int) -> int | None:
+  """Bytes of device memory that make_eval_step's computation takes for one device's batch of
+  `batch` images: XLA's figure for its buffers, arguments and outputs, compiled for the shapes
+  alone (None where the backend gives none)."""
+  variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_size))
+  single = model.clone(backbone=model.backbone.clone(axis_name=None))
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  memory = jax.jit(lambda v, x: single.apply(v, x, train=False)[0]).lower(
+      variables, images).compile().memory_analysis()
+  if memory is None:
+    return None
+  return (memory.temp_size_in_bytes + memory.argument_size_in_bytes +
+          memory.output_size_in_bytes)
+
+
 @functools.cache
 def make_batch_stats_step(model: Student):
   """A pmapped (variables, batch) -> variables whose BatchNorm running statistics took in the

@@ -58,3 +58,23 @@ def test_a_batch_larger_than_the_split_reads_it_in_one_batch(model_and_source, m
       s, p, b, *a))
   trainer.evaluate(model, variables, source, preprocess, 2**20)
   assert sizes == [12]
+
+
+def test_an_evaluation_batch_too_large_for_the_device_is_refused_with_what_fits(monkeypatch):
+  """XLA's figure for ResNet-8 at 16 px grows with the batch; a device of 64 MiB takes 90
+  images per device (360 test images over 4 devices) but not 90 times as many."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from fsp_jax import config as config_lib, device_data, experiment  # pylint: disable=g-import-not-at-top
+  model = Student(models.get('resnet8', 10, 1, axis_name='batch'))
+  small, large = (steps.eval_bytes(model, 16, b) for b in (90, 8100))
+  assert 0 < small < large
+  monkeypatch.setattr(device_data, 'device_memory', lambda: int(small * 4 / 0.5 * 1.5))
+  config = common.tiny(config_lib.default())
+  config.eval_batch_size = 360
+  experiment.check_eval_batch(config, {'student (resnet8)': model}, 360)
+  with pytest.raises(ValueError, match=r'config.eval_batch_size=32400: evaluating the student '
+                     r'\(resnet8\) on 8,100 images per device takes .* GiB \(XLA\'s figure\) on '
+                     r'each of 4 devices, more than 50% of a device\'s .* lower it to [\d,]+ or '
+                     r'less\.'):
+    config.eval_batch_size = 32400
+    experiment.check_eval_batch(config, {'student (resnet8)': model}, 32400)
