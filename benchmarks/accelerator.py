@@ -81,8 +81,8 @@ def training_run(tiny: bool, cifar10: str, folder: str, on_device: bool) -> dict
   else:  # k = 2: the quickstart evaluates every 10 iterations.
     config, k = [f'--config={ROOT}/experiments/configs/quickstart.py' + (
         ':tiny' if tiny else '')] + (['--config.log_every=2'] if tiny else []), 2
-  if on_device:
-    config += ['--config.data.on_device=True', f'--config.steps_per_call={k}']
+  config += [f'--config.data.on_device={on_device}',
+             f'--config.steps_per_call={k if on_device else 1}']
   start = time.time()
   _python('experiments/main.py', *config, f'--workdir={workdir}')
   return {'command': ' '.join(['experiments/main.py', *config]), 'on_device': on_device,

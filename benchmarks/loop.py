@@ -80,7 +80,7 @@ def _context(image_size: int, batch_size: int, steps_count: int, log_every: int,
   config = config_lib.default()
   config.update(batch_size=batch_size, log_every=log_every, checkpoint_every=checkpoint_every,
                 eval_every=0, keep_checkpoints=2, steps_per_call=k)
-  config.data.image_size = image_size
+  config.data.image_size, config.data.on_device = image_size, on_device
   config.scratch = config_lib.schedule((0.1,), (steps_count,))
   rng = np.random.default_rng(0)
   source = sources.ArraySource(rng.integers(0, 256, (4096, image_size, image_size, 3), np.uint8),

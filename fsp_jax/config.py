@@ -5,6 +5,7 @@ Each method's section (config.fsp, config.fitnet, ...) comes from its record in 
 `validate` checks every key before anything is compiled, naming the key and what it accepts.
 """
 
+import copy
 import difflib
 import importlib.util
 import os
@@ -13,7 +14,7 @@ import traceback
 import jax
 import ml_collections
 
-from fsp_jax import data, methods, models, schedules, sources
+from fsp_jax import data, device_data, methods, models, schedules, sources
 from fsp_jax.schedules import schedule
 
 DTYPES = ('float32', 'bfloat16')
@@ -37,9 +38,10 @@ def default() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   # Train steps run per call of the compiled step (a lax.scan): k > 1 spares the host k - 1
   # calls on an accelerator; log_every, eval_every, checkpoint_every and every phase length
-  # are then multiples of k. Keep 1 on a CPU, where XLA runs the convolution gradients in a
-  # loop about 20x slower (jax-ml/jax#12868).
-  c.steps_per_call = 1
+  # are then multiples of k. None: chosen for the platform (`platform_defaults`): 1 on a CPU,
+  # where XLA runs the convolution gradients in a loop about 20x slower (jax-ml/jax#12868),
+  # else the largest of 8, 4, 2 that divides them.
+  c.steps_per_call = ml_collections.FieldReference(None, field_type=int)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cifar10'       # cifar10, cifar100, caltech_birds2011, folder, cub, digits.
@@ -52,8 +54,9 @@ def default() -> ml_collections.ConfigDict:
   c.data.normalize = 'cifar'    # cifar or imagenet statistics.
   c.data.workers = 0            # grain worker processes (0: threads of the training process).
   # The training split on every device, its batches gathered and augmented there
-  # (device_data), for splits that fit in device memory; False: the host pipeline (grain).
-  c.data.on_device = False
+  # (device_data), for splits that fit in device memory; False: the host pipeline (grain);
+  # None: chosen for the platform (`platform_defaults`). Either gives the same batches.
+  c.data.on_device = ml_collections.FieldReference(None, field_type=bool)
   # For data.name='folder' only: a subset of class folders, and the first images of each
   # class of the training split.
   c.data.classes = ml_collections.FieldReference(None, field_type=tuple)
@@ -121,7 +124,7 @@ def _get(config, key):
 INTEGERS = {'num_nets': (1, 1000), 'teacher.num_nets': (1, 1000), 'batch_size': (1, 2**20),
             'eval_batch_size': (1, 2**20), 'log_every': (1, 2**31 - 1),
             'checkpoint_every': (1, 2**31 - 1), 'keep_checkpoints': (1, 2**31 - 1),
-            'steps_per_call': (1, 2**16), 'teacher.width': (1, 64), 'student.width': (1, 64),
+            'teacher.width': (1, 64), 'student.width': (1, 64),
             'data.image_size': (1, 4096), 'seed': (0, 2**31 - 1), 'eval_every': (0, 2**31 - 1),
             'teacher.num_classes': (0, 10**6)}
 
@@ -130,6 +133,48 @@ def _integer(config, key: str, low: int, high: int) -> None:
   value = _get(config, key)
   if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
     _fail(key, f'expected an integer in [{low}, {high}], got {value!r}.')
+
+
+def _trained(config) -> list[methods.Method]:
+  """The methods whose nets the run trains: the table's, and the teacher's where it has no
+  checkpoint and is needed."""
+  chosen = [methods.get(name) for name in method_list(config)]
+  if not config.teacher.checkpoint and (not chosen or any(m.uses_teacher(config)
+                                                          for m in chosen)):
+    chosen.append(methods.TEACHER)
+  return chosen
+
+
+def platform_defaults(config: ml_collections.ConfigDict, train_source,
+                      preprocess: data.Preprocess) -> tuple[ml_collections.ConfigDict, str]:
+  """A copy of config with data.on_device and steps_per_call of None (their default) chosen
+  for the platform, and a line saying what was chosen and why ('' where nothing was left to
+  choose). On a CPU: the host pipeline, 1 step a call. On a GPU or TPU: the training split on
+  the devices where it takes at most device_data.MAX_SHARE of one device's memory (measured
+  from its first image at its working size), and the largest of 8, 4, 2 steps a call that
+  divides the log, eval and checkpoint periods and every phase (validated: a valid config)."""
+  if config.data.on_device is not None and config.steps_per_call is not None:
+    return config, ''
+  config, platform, said = copy.deepcopy(config), jax.default_backend(), []
+  if config.data.on_device is None:
+    (size, _), memory = (device_data.split_bytes(train_source, preprocess),
+                         device_data.device_memory())
+    config.data.on_device = platform != 'cpu' and size <= device_data.MAX_SHARE * memory
+    why = ('a CPU' if platform == 'cpu' else
+           f'the training split at its working size is {size / 2**30:.2f} GiB, '
+           f'{"within" if config.data.on_device else "more than"} '
+           f'{device_data.MAX_SHARE:.0%} of a device\'s {memory / 2**30:.1f} GiB')
+    said.append(f'data.on_device={config.data.on_device} ({why})')
+  if config.steps_per_call is None:
+    periods = [config.log_every, config.checkpoint_every, config.eval_every] + [
+        phase.steps for method in _trained(config) for phase in method.phases(config)]
+    config.steps_per_call = 1 if platform == 'cpu' else next(
+        k for k in (8, 4, 2, 1) if all(p % k == 0 for p in periods))
+    why = ('a CPU, where XLA runs convolution gradients in a loop about 20x slower' if
+           platform == 'cpu' else 'the largest of 8, 4, 2 that divides the log, eval and '
+           'checkpoint periods and every phase')
+    said.append(f'steps_per_call={config.steps_per_call} ({why})')
+  return config, f'Chosen for this platform ({platform}): {"; ".join(said)}.'
 
 
 def _stage_sizes(name: str, image_size: int) -> list[int]:
@@ -157,7 +202,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.seed + config.num_nets - 1 > 2**31 - 1:
     _fail('seed', f'{config.seed} + {config.num_nets - 1} (net k uses seed + k - 1) exceeds '
           f'the largest seed, {2**31 - 1}.')
-  k = config.steps_per_call
+  if config.steps_per_call is not None:
+    _integer(config, 'steps_per_call', 1, 2**16)
+  k = config.steps_per_call or 1
   for key in ('log_every', 'checkpoint_every', 'eval_every'):
     if _get(config, key) % k:
       _fail(key, f'{_get(config, key)} is not a multiple of config.steps_per_call={k}: '
@@ -175,10 +222,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       method.check(config)
   if not isinstance(config.student.adapter, bool):
     _fail('student.adapter', f'expected True or False, got {config.student.adapter!r}.')
-  chosen = [methods.get(name) for name in method_list(config)]
-  if not config.teacher.checkpoint and (not chosen or any(m.uses_teacher(config)
-                                                          for m in chosen)):
-    chosen.append(methods.TEACHER)  # Trained here first.
+  chosen = _trained(config)
   for method in chosen:
     for phase in method.phases(config):
       if phase.steps % k:
@@ -249,8 +293,9 @@ def _validate_data(c: ml_collections.ConfigDict) -> None:
   if not isinstance(c.workers, int) or isinstance(c.workers, bool) or not 0 <= c.workers <= 1024:
     _fail('data.workers', f'expected an integer in [0, 1024] (worker processes), got '
           f'{c.workers!r}.')
-  if not isinstance(c.on_device, bool):
-    _fail('data.on_device', f'expected True or False, got {c.on_device!r}.')
+  if c.on_device is not None and not isinstance(c.on_device, bool):
+    _fail('data.on_device', f'expected True, False or None (the platform\'s choice), got '
+          f'{c.on_device!r}.')
   if c.max_per_class is not None and (not isinstance(c.max_per_class, int) or isinstance(
       c.max_per_class, bool) or c.max_per_class < 1):
     _fail('data.max_per_class', f'expected an integer >= 1 (or None: all images), got '

@@ -72,27 +72,32 @@ class Preprocess:
         'CIFAR-10\'s' if (self.mean, self.std) == CIFAR_STATS else 'given')
     return f'{steps}; normalised with {stats} statistics'
 
+  @property
+  def pad(self) -> int:
+    """Pixels added on every side before the crop ('cifar': 4)."""
+    return 4 if self.augment == 'cifar' else 0
+
+  def choices(self, draws: np.ndarray | None, shapes) -> np.ndarray:
+    """The crop and flip of each image [n, 3] int32 (top, left of the crop in the padded
+    image, flip 0/1), given the images' working shapes [(H, W, ...)] (or one for all) and
+    their draws [n, 3]; without draws (evaluation), the centre and no flip. The one definition
+    of the augmentation's choices: the host applies them with numpy, the device with jax
+    (device_data.augment)."""
+    rooms = np.array([(h + 2 * self.pad - self.image_size, w + 2 * self.pad - self.image_size)
+                      for h, w, *_ in shapes], np.int64).reshape(-1, 2)
+    rooms = np.broadcast_to(rooms, (len(rooms) if draws is None else len(draws), 2))
+    if draws is None or self.augment == 'none':
+      return np.concatenate([rooms // 2, np.zeros((len(rooms), 1), np.int64)], 1).astype(np.int32)
+    crop = (draws[:, :2] * (rooms + 1)).astype(np.int64)  # In 0 .. room.
+    return np.concatenate([crop, (draws[:, 2:] < 0.5)], 1).astype(np.int32)
+
   def __call__(self, images, draws: np.ndarray | None) -> np.ndarray:
-    size = self.image_size
+    size, pad = self.image_size, self.pad
     images = [self.resized(image) for image in images]
-    if self.augment == 'crop_flip':
-      shapes = [image.shape for image in images]
-      if draws is None:  # The centre.
-        offsets = [((h - size) // 2, (w - size) // 2) for h, w, _ in shapes]
-      else:
-        offsets = [(int(top * (h - size + 1)), int(left * (w - size + 1)))
-                   for (h, w, _), (top, left, _) in zip(shapes, draws)]
-      batch = np.stack([image[top:top + size, left:left + size]
-                        for image, (top, left) in zip(images, offsets)])
-    else:
-      batch = np.stack(images)
-      if self.augment == 'cifar' and draws is not None:
-        windows = np.lib.stride_tricks.sliding_window_view(
-            np.pad(batch, ((0, 0), (4, 4), (4, 4), (0, 0))), (size, size), axis=(1, 2))
-        offsets = (draws[:, :2] * 9).astype(np.intp)  # [n, 2] in 0..8.
-        batch = windows[np.arange(len(batch)), offsets[:, 0], offsets[:, 1]].transpose(0, 2, 3, 1)
-    if draws is not None and self.augment != 'none':
-      batch = np.where((draws[:, 2] < 0.5)[:, None, None, None], batch[:, :, ::-1], batch)
+    choices = self.choices(draws, [image.shape for image in images])
+    padded = (np.pad(image, ((pad, pad), (pad, pad), (0, 0))) for image in images)
+    batch = np.stack([image[top:top + size, left:left + size][:, ::-1 if flip else 1]
+                      for image, (top, left, flip) in zip(padded, choices)])
     return (batch.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
 
 

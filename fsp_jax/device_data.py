@@ -4,10 +4,12 @@ For a training split that fits in device memory (CIFAR-10 as uint8 is 150 MB), `
 every image once to its working size (`data.Preprocess.resized`) and copies the split to every
 local device. A step's batch is then gathered on the device from the example indices of
 `data.train_indices`, the host pipeline's (seed, step) order, and augmented there with the
-same augmentation: pad 4 and a random crop, or a random crop of the resized image, and a random
-flip, each example's choices drawn from a jax.random key folded from (seed, step, example).
-The host places each epoch's order once (`Epochs`); the device finds a step's indices in it
-from the step in the train state, so that a call needs nothing new from the host.
+same augmentation: pad 4 and a crop, or a crop of the resized image, and a flip.
+The host places each epoch's order and the crops and flips of its steps once (`Epochs`); the
+device finds a step's indices and choices in them from the step in the train state, so that a
+call needs nothing new from the host. The choices are the host pipeline's own
+(`data.Preprocess.choices` of `data.augmentation_draws`): a net's batches are the same, to the
+pixel, whichever path runs them.
 
 Every local device holds the whole split, so that it can gather any example of a global batch
 without communicating; a split that does not fit stays on the host (`data.train_batches`).
@@ -45,12 +47,18 @@ def device_memory() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
+def split_bytes(source, preprocess: data.Preprocess) -> tuple[int, tuple[int, ...]]:
+  """The bytes of a split at its working size, and that size (H, W, 3), from its first image
+  alone."""
+  shape = preprocess.resized(source[0][0]).shape
+  return len(source) * int(np.prod(shape)), shape
+
+
 def check_fits(source, preprocess: data.Preprocess) -> None:
   """Raises ValueError, before any image but the first is resized, where the split at its
   working size would take more than MAX_SHARE of one device's memory (of the host's, for
   every local CPU device together: each holds a copy)."""
-  shape = preprocess.resized(source[0][0]).shape
-  size = len(source) * int(np.prod(shape))
+  size, shape = split_bytes(source, preprocess)
   copies = jax.local_device_count() if jax.local_devices()[0].platform == 'cpu' else 1
   memory = device_memory()
   if size * copies > MAX_SHARE * memory:
@@ -87,21 +95,23 @@ def place(images: np.ndarray, labels: np.ndarray, teacher_fsp: tuple | None = No
 
 
 class Epochs(NamedTuple):
-  """The example orders that a call's steps read, on every local device: orders [devices, E, N]
-  of epochs first .. first + E - 1 (`data.epoch_order`), first [devices], each device's
-  positions in every global batch [devices, b], the global batch [devices] and the seed
-  [devices]."""
+  """What a call's steps read, on every local device: the example orders [devices, E, N] of
+  epochs first .. first + E - 1 (`data.epoch_order`), first [devices], each device's positions
+  in every global batch [devices, b], the global batch [devices], and the crop and flip of each
+  of the device's examples at every step of those epochs [devices, E * steps per epoch, b, 3]
+  (`data.Preprocess.choices` of the host pipeline's draws)."""
   orders: np.ndarray
   first: np.ndarray
   positions: np.ndarray
   global_batch: np.ndarray
-  seed: np.ndarray
+  choices: np.ndarray
 
 
-def epochs(num_examples: int, global_batch: int, seed: int, start: int, end: int,
-           steps_per_call: int):
+def epochs(preprocess: data.Preprocess, shape: tuple[int, int], num_examples: int,
+           global_batch: int, seed: int, start: int, end: int, steps_per_call: int):
   """The `Epochs` of each call of steps start .. end - 1, `steps_per_call` steps a call, on
-  the host: one object for every call that the same epochs cover."""
+  the host, for stored images of working shape (H, W): one object for every call that the same
+  epochs cover."""
   devices, per_epoch = jax.local_device_count(), data.steps_per_epoch(num_examples, global_batch)
   count = (steps_per_call - 1) // per_epoch + 2  # Epochs that any call's steps can span.
   part = data.host_slice(global_batch, jax.process_index(), jax.process_count())
@@ -112,8 +122,13 @@ def epochs(num_examples: int, global_batch: int, seed: int, start: int, end: int
     if window is None or (first + steps_per_call - 1) // per_epoch >= window.first[0] + count:
       orders = np.stack([data.epoch_order(num_examples, seed, e)
                          for e in range(epoch, epoch + count)]).astype(np.int32)
+      draws = np.stack([data.augmentation_draws(seed, step, global_batch)
+                        for step in range(epoch * per_epoch, (epoch + count) * per_epoch)])
+      choices = preprocess.choices(draws.reshape(-1, 3), [shape]).reshape(
+          len(draws), global_batch, 3)
       window = Epochs(np.broadcast_to(orders, (devices,) + orders.shape), _each(devices, epoch),
-                      positions, _each(devices, global_batch), _each(devices, seed))
+                      positions, _each(devices, global_batch),
+                      choices[:, positions].transpose(1, 0, 2, 3))
     yield window
 
 
@@ -128,46 +143,42 @@ def step_indices(epochs: Epochs, step) -> jnp.ndarray:
   return epochs.orders[epoch - epochs.first, position * epochs.global_batch + epochs.positions]
 
 
-def augment(preprocess: data.Preprocess, images: jnp.ndarray, keys: jax.Array,
-            random: bool = True) -> jnp.ndarray:
+def step_choices(epochs: Epochs, step) -> jnp.ndarray:
+  """One device's crops and flips [b, 3] of a step (inside pmap): its part of the host
+  pipeline's."""
+  return epochs.choices[step - epochs.first * (epochs.orders.shape[-1] // epochs.global_batch)]
+
+
+def augment(preprocess: data.Preprocess, images: jnp.ndarray,
+            choices: jnp.ndarray | None) -> jnp.ndarray:
   """`data.Preprocess` on the device: images [b, H, W, 3] uint8 at their working size -> float32
-  [b, S, S, 3], normalised; each example's crop and flip drawn from its key [b] where random,
-  else the centre crop and no flip (as the host does without draws)."""
-  size, augment_name = preprocess.image_size, preprocess.augment
-  if augment_name == 'cifar' and random:
-    images = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-  height, width = images.shape[1:3]
+  [b, S, S, 3], normalised; each example cropped and flipped as its choices [b, 3] say (top,
+  left, flip: `data.Preprocess.choices`), or without choices the centre crop, as the host does
+  without draws."""
+  size, pad = preprocess.image_size, preprocess.pad
+  if choices is None:
+    top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
+    batch = images[:, top:top + size, left:left + size]
+  else:
+    images = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
-  def one(image, key):
-    crop_key, flip_key = jax.random.split(key)
-    if random and augment_name != 'none':
-      top, left = (jax.random.randint(k, (), 0, room + 1)
-                   for k, room in zip(jax.random.split(crop_key), (height - size, width - size)))
-    else:
-      top, left = (height - size) // 2, (width - size) // 2
-    crop = jax.lax.dynamic_slice(image, (top, left, 0), (size, size, 3))
-    if random and augment_name != 'none':
-      crop = jnp.where(jax.random.bernoulli(flip_key), crop[:, ::-1], crop)
-    return crop
+    def one(image, choice):
+      crop = jax.lax.dynamic_slice(image, (choice[0], choice[1], 0), (size, size, 3))
+      return jnp.where(choice[2] == 1, crop[:, ::-1], crop)
 
-  batch = jax.vmap(one)(images, keys).astype(jnp.float32)
+    batch = jax.vmap(one)(images, choices)
+  batch = batch.astype(jnp.float32)
   return (batch - jnp.asarray(preprocess.mean, jnp.float32)) / jnp.asarray(preprocess.std,
                                                                              jnp.float32)
 
 
-def example_keys(seed: int, step, indices: jnp.ndarray) -> jax.Array:
-  """A key per example [b] of a step: folded from (seed, step, the example's index)."""
-  step_key = jax.random.fold_in(jax.random.key(seed), step)
-  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(indices)
-
-
-def gather(placed: Placed, preprocess: data.Preprocess, seed: int, step, indices: jnp.ndarray,
-           random: bool = True) -> dict:
+def gather(placed: Placed, preprocess: data.Preprocess, indices: jnp.ndarray,
+           choices: jnp.ndarray | None) -> dict:
   """One device's part of a step's batch: {'image' [b, S, S, 3], 'label' [b]} (and
-  'teacher_fsp' where cached) of the examples at indices [b]; placed holds one device's
-  arrays (inside pmap)."""
-  keys = example_keys(seed, step, indices)
-  batch = {'image': augment(preprocess, placed.images[indices], keys, random),
+  'teacher_fsp' where cached) of the examples at indices [b], cropped and flipped by their
+  choices [b, 3] (None: the centre, unflipped); placed holds one device's arrays (inside
+  pmap)."""
+  batch = {'image': augment(preprocess, placed.images[indices], choices),
            'label': placed.labels[indices]}
   if placed.teacher_fsp is not None:
     batch['teacher_fsp'] = [g[indices] for g in placed.teacher_fsp]

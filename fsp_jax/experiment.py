@@ -189,6 +189,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         (config.data.eval_split, eval_source)):
     logs.say(f'Data, {split} split: {sources.describe(source)}.')
   logs.say(f'Images: {preprocess.describe()}.')
+  config, chosen_line = config_lib.platform_defaults(config, train_source, preprocess)
+  if chosen_line:
+    logs.say(chosen_line)
   num_classes = train_source.num_classes
   teacher = Student(build_model(config.teacher, config.teacher.num_classes or num_classes,
                                 config.dtype))

@@ -23,11 +23,12 @@ from fsp_jax.schedules import Schedule, schedule
 from fsp_jax.terms import Phase, Term, stage_outputs
 
 
-# Settings that change how a run goes (how it reports, saves and reads), not what it computes:
-# the workdir's config check and each net's settings both leave them out, so that a run can
-# resume with other values of them.
+# Settings that change how a run goes (how it reports, saves and reads, and how fast: the
+# device path and steps_per_call compute the host pipeline's batches, to float rounding), not
+# what it computes: the workdir's config check and each net's settings both leave them out, so
+# that a run can resume with other values of them (on another machine, say).
 NEUTRAL_KEYS = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-                'eval_batch_size', 'data.workers')
+                'eval_batch_size', 'data.workers', 'data.on_device', 'steps_per_call')
 
 
 def _plain(config, backbone, mine, theirs) -> Student:

@@ -7,6 +7,7 @@ import numpy as np
 
 from fsp_jax import layout as layout_lib
 from fsp_jax import methods
+from fsp_jax import workdir as workdir_lib
 from fsp_jax.layout import Layout
 
 
@@ -63,7 +64,8 @@ def row_of(layout: Layout, finished: list[dict], settings: dict, num_test: int) 
   row = table_row(finished, probs, labels)
   recorded = [layout_lib.read_json(net.settings, 'the settings a net was trained with')
               for net in nets if os.path.exists(net.settings)]
-  row['other_settings'] = settings is not None and any(r != settings for r in recorded)
+  row['other_settings'] = settings is not None and any(
+      workdir_lib.config_changes(r, settings) for r in recorded)
   return row
 
 

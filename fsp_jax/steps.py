@@ -147,9 +147,9 @@ def make_train_step(student: Student, teacher: Student | None, phase: Phase,
 
   def one_step(state, batch, teacher_variables, placed, epochs):
     if on_device is not None:
-      batch = device_data.gather(placed, on_device, epochs.seed, state.step,
-                                 device_data.step_indices(epochs, state.step),
-                                 random=not phase.cached_fsp)
+      batch = device_data.gather(
+          placed, on_device, device_data.step_indices(epochs, state.step),
+          None if phase.cached_fsp else device_data.step_choices(epochs, state.step))
     state, metrics, _ = train_step(state, batch, teacher_variables, student=student,
                                    teacher=teacher, phase=phase, tx=tx)
     return state, metrics

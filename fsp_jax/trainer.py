@@ -248,9 +248,9 @@ def call_inputs(ctx: Context, run: Run, phase: Phase, start: int):
   """The inputs of every call of the phase from step `start` on, on the local devices."""
   config = ctx.config
   if ctx.placed is not None:
-    return _placed_once(device_data.epochs(len(ctx.train_source), config.batch_size,
-                                           run.seed(config), start, phase.steps,
-                                           config.steps_per_call))
+    return _placed_once(device_data.epochs(
+        ctx.preprocess, ctx.placed.images.shape[2:4], len(ctx.train_source), config.batch_size,
+        run.seed(config), start, phase.steps, config.steps_per_call))
   return _on_devices(data.grouped(_host_batches(ctx, run, phase, start),
                                   config.steps_per_call), ahead=2)
 
@@ -459,8 +459,8 @@ def _claim(files: NetFiles, settings: dict, label: str) -> None:
   if jax.process_index() == 0:
     if os.path.exists(files.settings):
       recorded = layout_lib.read_json(files.settings, 'the settings of this net\'s checkpoints')
-      if recorded != settings:
-        changed = ', '.join(workdir_lib.config_changes(recorded, settings)) or 'its method'
+      if workdir_lib.config_changes(recorded, settings):
+        changed = ', '.join(workdir_lib.config_changes(recorded, settings))
         aside = files.replaced(f'{datetime.datetime.now():%Y%m%d-%H%M%S}')
         os.replace(files.root, aside)
         logs.say(f'[{label}] its checkpoints were made with other settings ({changed}): moved '

@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from fsp_jax import config as config_lib
-from fsp_jax import experiment, methods
+from fsp_jax import data, device_data, experiment, methods, sources
 import helpers  # tests/ is on sys.path (pytest rootdir-relative imports).
 import test_data
 
@@ -171,3 +172,43 @@ def test_transfer_cub_runs_on_a_cub_folder(tmp_path):
   config.methods = 'fsp'
   rows = experiment.train_and_evaluate(config, str(tmp_path / 'run'))
   assert [row['method'] for row in rows] == ['teacher', 'fsp']
+
+
+def _platform(monkeypatch, backend: str, memory: int, **changes):
+  """platform_defaults of the quickstart's config (with changes) on a faked backend."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  monkeypatch.setattr(device_data, 'device_memory', lambda: memory)
+  config = config_lib.load_file('experiments/configs/quickstart.py')
+  for key, value in changes.items():
+    section, _, name = key.rpartition('.')
+    (config[section] if section else config)[name] = value
+  source = sources.digits_source('train', config.data.image_size)
+  return config_lib.platform_defaults(config, source, data.get_preprocess(config.data))
+
+
+def test_the_platform_chooses_the_host_and_one_step_a_call_on_a_cpu(monkeypatch):
+  config, said = _platform(monkeypatch, 'cpu', 2**40)
+  assert (config.data.on_device, config.steps_per_call) == (False, 1)
+  assert said == ('Chosen for this platform (cpu): data.on_device=False (a CPU); steps_per_call=1 '
+                  '(a CPU, where XLA runs convolution gradients in a loop about 20x slower).')
+
+
+def test_the_platform_chooses_the_device_and_eight_steps_a_call_on_a_gpu(monkeypatch):
+  config, said = _platform(monkeypatch, 'gpu', 80 * 2**30, log_every=40, eval_every=80,
+                           checkpoint_every=400)
+  assert (config.data.on_device, config.steps_per_call) == (True, 8), said
+  assert 'data.on_device=True (the training split at its working size is 0.00 GiB, within 25%' \
+      in said
+  # Periods that 8 does not divide: the largest of 4, 2 that divides them all.
+  config, _ = _platform(monkeypatch, 'gpu', 80 * 2**30, log_every=20, eval_every=80,
+                        checkpoint_every=400)
+  assert config.steps_per_call == 4
+  # A split over a quarter of the device's memory stays on the host.
+  config, said = _platform(monkeypatch, 'gpu', 2**20)
+  assert config.data.on_device is False and 'more than 25% of a device' in said, said
+
+
+def test_explicit_settings_win_over_the_platform(monkeypatch):
+  config, said = _platform(monkeypatch, 'gpu', 80 * 2**30, **{'data.on_device': False,
+                                                             'steps_per_call': 2})
+  assert (config.data.on_device, config.steps_per_call, said) == (False, 2, '')

@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from fsp_jax import data, models, sources, steps, trainer
+from configs import common
+from fsp_jax import config as config_lib
+from fsp_jax import data, device_data, experiment, models, sources, steps, trainer
 from fsp_jax.adapters import Student
 
 
@@ -63,8 +65,6 @@ def test_a_batch_larger_than_the_split_reads_it_in_one_batch(model_and_source, m
 def test_an_evaluation_batch_too_large_for_the_device_is_refused_with_what_fits(monkeypatch):
   """XLA's figure for ResNet-8 at 16 px grows with the batch; a device of 64 MiB takes 90
   images per device (360 test images over 4 devices) but not 90 times as many."""
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from fsp_jax import config as config_lib, device_data, experiment  # pylint: disable=g-import-not-at-top
   model = Student(models.get('resnet8', 10, 1, axis_name='batch'))
   small, large = (steps.eval_bytes(model, 16, b) for b in (90, 8100))
   assert 0 < small < large

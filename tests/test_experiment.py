@@ -145,6 +145,7 @@ def test_cached_stage1_batches_bring_their_own_examples_teacher_matrices():
   teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
   variables = steps.replicate(steps.init_variables(teacher, jax.random.key(3), 16))
   cache = experiment.teacher_fsp_cache(teacher, variables, source, preprocess, 120)
+  config, _ = config_lib.platform_defaults(config, source, preprocess)
   ctx = trainer.Context(config, Layout('/nonexistent'), source, source, preprocess, cache)
   run = trainer.Run(methods.get('fsp'), 1, 'resnet8', teacher)
   stage1 = methods.get('fsp').phases(config)[0]
@@ -162,8 +163,9 @@ def test_random_teacher_is_drawn_per_net_with_batchnorm_statistics_of_real_image
   config = _tiny_config('fsp_random')
   config.teacher.model = config.student.model = 'resnet8'
   source = sources.digits_source('train', config.data.image_size)
-  ctx = trainer.Context(config, Layout('/nonexistent'), source, source,
-                        data.get_preprocess(config.data))
+  preprocess = data.get_preprocess(config.data)
+  config, _ = config_lib.platform_defaults(config, source, preprocess)
+  ctx = trainer.Context(config, Layout('/nonexistent'), source, source, preprocess)
   teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
   run = trainer.Run(methods.get('fsp_random'), 1, 'resnet8', teacher, teacher)
   first, again = trainer.random_teacher(ctx, run), trainer.random_teacher(ctx, run)

@@ -21,8 +21,9 @@ from fsp_jax.terms import Phase, Term
 
 def _ctx(config):
   source = sources.digits_source('train', config.data.image_size)
-  return trainer.Context(config, Layout('/nonexistent'), source, source,
-                         data.get_preprocess(config.data))
+  preprocess = data.get_preprocess(config.data)
+  config, _ = config_lib.platform_defaults(config, source, preprocess)
+  return trainer.Context(config, Layout('/nonexistent'), source, source, preprocess)
 
 
 def test_net_k_starts_from_seed_plus_k_minus_1():
@@ -151,6 +152,6 @@ def test_the_device_path_brings_each_examples_own_cached_teacher_matrices():
   preprocess = data.get_preprocess(ml_collections.ConfigDict(
       dict(image_size=8, augment='none', normalize='cifar')))
   indices = jnp.array([5, 2, 7, 0])
-  batch = device_data.gather(placed, preprocess, 0, 3, indices)
+  batch = device_data.gather(placed, preprocess, indices, None)
   np.testing.assert_array_equal(batch['label'], indices)
   np.testing.assert_array_equal(batch['teacher_fsp'][0][:, 0, 0], indices)
