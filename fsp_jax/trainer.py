@@ -157,6 +157,11 @@ def gather_in_order(chunks: list[np.ndarray]) -> np.ndarray:
   return np.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:])
 
 
+# Evaluation batches dispatched beyond the oldest one still running: the host prepares the next
+# batches while the device works, and fetches every output once, at the end.
+EVAL_IN_FLIGHT = 2
+
+
 def predict(step, variables, source, preprocess: data.Preprocess, batch_size: int,
             interruptible: str = ''):
   """One pass of a pmapped step(variables, sharded batch) -> per-example outputs [devices, b,
@@ -174,11 +179,13 @@ def predict(step, variables, source, preprocess: data.Preprocess, batch_size: in
     if interruptible and preemption_requested(sync_point=True):
       raise _preempted(interruptible, f'stopped after {i} of {-(-len(source) // batch_size)} '
                        'batches, before anything was saved')
-    out = step(variables, data.shard(batch, jax.local_device_count()))
-    outputs.append(jax.tree_util.tree_map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]),
-                                          out))
+    outputs.append(step(variables, data.shard(batch, jax.local_device_count())))
+    if len(outputs) > EVAL_IN_FLIGHT:  # Bounds the batches queued on the device.
+      jax.block_until_ready(outputs[-1 - EVAL_IN_FLIGHT])
     labels.append(batch['label'])
     masks.append(batch['mask'])
+  outputs = [jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+             for out in jax.device_get(outputs)]  # One fetch, after the last dispatch.
   mask = gather_in_order(masks)
   outputs = jax.tree_util.tree_map(lambda *chunks: gather_in_order(list(chunks))[mask],
                                    *outputs)
