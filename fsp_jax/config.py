@@ -5,6 +5,7 @@ Each method's section (config.fsp, config.fitnet, ...) comes from its record in 
 `validate` checks every key before anything is compiled, naming the key and what it accepts.
 """
 
+import contextlib
 import copy
 import difflib
 import importlib.util
@@ -15,6 +16,7 @@ import jax
 import ml_collections
 
 from fsp_jax import data, device_data, methods, models, schedules, sources
+from fsp_jax.errors import fail
 from fsp_jax.schedules import schedule
 
 DTYPES = ('float32', 'bfloat16')
@@ -109,10 +111,6 @@ def method_list(config: ml_collections.ConfigDict) -> list[str]:
   return [m.strip() for m in config.methods.split(',') if m.strip()]
 
 
-def _fail(key: str, message: str):
-  raise ValueError(f'config.{key}: {message}')
-
-
 def _get(config, key):
   for part in key.split('.'):
     config = config[part]
@@ -132,7 +130,7 @@ INTEGERS = {'num_nets': (1, 1000), 'teacher.num_nets': (1, 1000), 'batch_size': 
 def _integer(config, key: str, low: int, high: int) -> None:
   value = _get(config, key)
   if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-    _fail(key, f'expected an integer in [{low}, {high}], got {value!r}.')
+    fail(key, f'expected an integer in [{low}, {high}], got {value!r}.')
 
 
 def _trained(config) -> list[methods.Method]:
@@ -152,7 +150,7 @@ def platform_defaults(config: ml_collections.ConfigDict, train_source,
   choose). On a CPU: the host pipeline, 1 step a call. On a GPU or TPU: the training split on
   the devices where it takes at most device_data.MAX_SHARE of one device's memory (measured
   from its first image at its working size), and the largest of 8, 4, 2 steps a call that
-  divides the log, eval and checkpoint periods and every phase (validated: a valid config)."""
+  divides the log, eval and checkpoint periods and every phase (config already validated)."""
   if config.data.on_device is not None and config.steps_per_call is not None:
     return config, ''
   config, platform, said = copy.deepcopy(config), jax.default_backend(), []
@@ -192,114 +190,114 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every key: types, ranges, names, paths, divisibility; raises ValueError naming it."""
   unknown = [m for m in method_list(config) if m not in methods.METHODS]
   if unknown:
-    _fail('methods', f'unknown {unknown}; expected a comma-separated list of '
-          f'{", ".join(methods.METHODS)}, or nothing to train the teacher only.')
+    fail('methods', f'unknown {unknown}; expected a comma-separated list of '
+         f'{", ".join(methods.METHODS)}, or nothing to train the teacher only.')
   twice = sorted({m for m in method_list(config) if method_list(config).count(m) > 1})
   if twice:
-    _fail('methods', f'names {twice} more than once; each method is one row.')
+    fail('methods', f'names {twice} more than once; each method is one row.')
   for key, (low, high) in INTEGERS.items():
     _integer(config, key, low, high)
   if config.seed + config.num_nets - 1 > 2**31 - 1:
-    _fail('seed', f'{config.seed} + {config.num_nets - 1} (net k uses seed + k - 1) exceeds '
-          f'the largest seed, {2**31 - 1}.')
+    fail('seed', f'{config.seed} + {config.num_nets - 1} (net k uses seed + k - 1) exceeds '
+         f'the largest seed, {2**31 - 1}.')
   if config.steps_per_call is not None:
     _integer(config, 'steps_per_call', 1, 2**16)
   k = config.steps_per_call or 1
   for key in ('log_every', 'checkpoint_every', 'eval_every'):
     if _get(config, key) % k:
-      _fail(key, f'{_get(config, key)} is not a multiple of config.steps_per_call={k}: '
-            'the host acts only between calls of that many steps.')
+      fail(key, f'{_get(config, key)} is not a multiple of config.steps_per_call={k}: '
+           'the host acts only between calls of that many steps.')
   if config.dtype not in DTYPES:
-    _fail('dtype', f'unknown {config.dtype!r}; expected one of {", ".join(DTYPES)}.')
+    fail('dtype', f'unknown {config.dtype!r}; expected one of {", ".join(DTYPES)}.')
   for key in ('weight_decay', 'momentum'):
     value = _get(config, key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-      _fail(key, f'expected a number in [0, 1), got {value!r}.')
+      fail(key, f'expected a number in [0, 1), got {value!r}.')
   for key, sched in schedules.find(config).items():
     schedules.validate(key, sched)
   for method in methods.METHODS.values():
     if method.check:
       method.check(config)
   if not isinstance(config.student.adapter, bool):
-    _fail('student.adapter', f'expected True or False, got {config.student.adapter!r}.')
+    fail('student.adapter', f'expected True or False, got {config.student.adapter!r}.')
   chosen = _trained(config)
   for method in chosen:
     for phase in method.phases(config):
       if phase.steps % k:
-        _fail('steps_per_call', f'{k} does not divide the {phase.steps} iterations of '
-              f'{method.name}\'s {phase.name} phase; make every phase a multiple of it.')
+        fail('steps_per_call', f'{k} does not divide the {phase.steps} iterations of '
+             f'{method.name}\'s {phase.name} phase; make every phase a multiple of it.')
   uses_fsp = any(method.compares_fsp(config) for method in chosen)
   for key in ('teacher.model', 'student.model'):
     try:
       sizes = _stage_sizes(_get(config, key), config.data.image_size)
     except ValueError as e:
-      _fail(key, str(e))
+      fail(key, str(e))
     if uses_fsp and any(size % 2 and size > 1 for size in sizes[:-1]):
-      _fail('data.image_size', f'{config.data.image_size} gives {key}={_get(config, key)!r} '
-            f'feature maps of {sizes} pixels at its stages: each stage halves the size, and '
-            'FSP pairs a stage\'s input with its output, so every size but the last must be '
-            'even (for example, a multiple of 32).')
+      fail('data.image_size', f'{config.data.image_size} gives {key}={_get(config, key)!r} '
+           f'feature maps of {sizes} pixels at its stages: each stage halves the size, and '
+           'FSP pairs a stage\'s input with its output, so every size but the last must be '
+           'even (for example, a multiple of 32).')
   _validate_data(config.data)
   if config.teacher.checkpoint and not os.path.isdir(config.teacher.checkpoint):
     found = 'is a file' if os.path.exists(config.teacher.checkpoint) else 'does not exist'
-    _fail('teacher.checkpoint', f'{config.teacher.checkpoint!r} {found}; give the folder of an '
-          'Orbax checkpoint of {params, batch_stats}, or leave it empty to train the teacher '
-          'first.')
+    fail('teacher.checkpoint', f'{config.teacher.checkpoint!r} {found}; give the folder of an '
+         'Orbax checkpoint of {params, batch_stats}, or leave it empty to train the teacher '
+         'first.')
   for key in ('batch_size', 'eval_batch_size'):
     devices = jax.device_count()
     if _get(config, key) % devices:
-      _fail(key, f'{_get(config, key)} is not divisible by the {devices} devices '
-            f'({jax.process_count()} hosts x {jax.local_device_count()} local devices).')
+      fail(key, f'{_get(config, key)} is not divisible by the {devices} devices '
+           f'({jax.process_count()} hosts x {jax.local_device_count()} local devices).')
   if config.teacher.num_classes:
     if not config.teacher.checkpoint:
-      _fail('teacher.num_classes', 'only a teacher loaded from config.teacher.checkpoint may '
-            'have its own classes: give the checkpoint (python -m fsp_jax.convert makes one from '
-            'torchvision weights), or use 0 to train the teacher here on the data set.')
+      fail('teacher.num_classes', 'only a teacher loaded from config.teacher.checkpoint may '
+           'have its own classes: give the checkpoint (python -m fsp_jax.convert makes one from '
+           'torchvision weights), or use 0 to train the teacher here on the data set.')
     uses_logits = [m for m in method_list(config)
                    if 'logits' in methods.get(m).reads_teacher(config)]
     if uses_logits:
-      _fail('teacher.num_classes', f'methods {uses_logits} distill the teacher\'s logits, which '
-            'need the data set\'s classes; set teacher.num_classes=0 or '
-            'fitnet.kd_weight=(0.0, 0.0).')
+      fail('teacher.num_classes', f'methods {uses_logits} distill the teacher\'s logits, which '
+           'need the data set\'s classes; set teacher.num_classes=0 or '
+           'fitnet.kd_weight=(0.0, 0.0).')
 
 
 def _validate_data(c: ml_collections.ConfigDict) -> None:
   if c.name not in sources.SOURCES:
-    _fail('data.name', f'unknown data set {c.name!r}; expected one of '
-          f'{", ".join(sources.SOURCES)}.')
+    fail('data.name', f'unknown data set {c.name!r}; expected one of '
+         f'{", ".join(sources.SOURCES)}.')
   if c.augment not in data.AUGMENTATIONS:
-    _fail('data.augment', f'unknown {c.augment!r}; expected one of '
-          f'{", ".join(data.AUGMENTATIONS)}.')
+    fail('data.augment', f'unknown {c.augment!r}; expected one of '
+         f'{", ".join(data.AUGMENTATIONS)}.')
   if c.normalize not in NORMALIZATIONS:
-    _fail('data.normalize', f'unknown {c.normalize!r}; expected one of '
-          f'{", ".join(NORMALIZATIONS)}.')
+    fail('data.normalize', f'unknown {c.normalize!r}; expected one of '
+         f'{", ".join(NORMALIZATIONS)}.')
   for key in ('train_split', 'eval_split'):
     if not isinstance(c[key], str) or not c[key]:
-      _fail(f'data.{key}', f'expected a split name, got {c[key]!r}.')
+      fail(f'data.{key}', f'expected a split name, got {c[key]!r}.')
   if c.name == 'digits' and c.image_size % 8:
-    _fail('data.image_size', f'the digits are 8x8 images upsampled by a whole factor: expected '
-          f'a multiple of 8, got {c.image_size}.')
+    fail('data.image_size', f'the digits are 8x8 images upsampled by a whole factor: expected '
+         f'a multiple of 8, got {c.image_size}.')
   if c.name in ('folder', 'cub') and not os.path.isdir(c.root):
-    _fail('data.root', f'folder {c.root!r} does not exist (needed by data.name={c.name!r}).')
+    fail('data.root', f'folder {c.root!r} does not exist (needed by data.name={c.name!r}).')
   for key in ('classes', 'max_per_class'):
     if c[key] is not None and c.name != 'folder':
-      _fail(f'data.{key}', f'applies to data.name=\'folder\' only, not {c.name!r}; remove it.')
+      fail(f'data.{key}', f'applies to data.name=\'folder\' only, not {c.name!r}; remove it.')
   if c.classes is not None and (not c.classes or any(
       not isinstance(name, str) or not name for name in c.classes)):
-    _fail('data.classes', f'expected a tuple of class folder names, got {c.classes!r}.')
+    fail('data.classes', f'expected a tuple of class folder names, got {c.classes!r}.')
   if c.classes is not None and len(set(c.classes)) != len(c.classes):
     twice = sorted({name for name in c.classes if c.classes.count(name) > 1})
-    _fail('data.classes', f'names {twice} more than once; each class is one label.')
+    fail('data.classes', f'names {twice} more than once; each class is one label.')
   if not isinstance(c.workers, int) or isinstance(c.workers, bool) or not 0 <= c.workers <= 1024:
-    _fail('data.workers', f'expected an integer in [0, 1024] (worker processes), got '
-          f'{c.workers!r}.')
+    fail('data.workers', f'expected an integer in [0, 1024] (worker processes), got '
+         f'{c.workers!r}.')
   if c.on_device is not None and not isinstance(c.on_device, bool):
-    _fail('data.on_device', f'expected True, False or None (the platform\'s choice), got '
-          f'{c.on_device!r}.')
+    fail('data.on_device', f'expected True, False or None (the platform\'s choice), got '
+         f'{c.on_device!r}.')
   if c.max_per_class is not None and (not isinstance(c.max_per_class, int) or isinstance(
       c.max_per_class, bool) or c.max_per_class < 1):
-    _fail('data.max_per_class', f'expected an integer >= 1 (or None: all images), got '
-          f'{c.max_per_class!r}.')
+    fail('data.max_per_class', f'expected an integer >= 1 (or None: all images), got '
+         f'{c.max_per_class!r}.')
 
 
 def validate_data(config: ml_collections.ConfigDict, train_source, eval_source) -> None:
@@ -309,19 +307,19 @@ def validate_data(config: ml_collections.ConfigDict, train_source, eval_source) 
   names = train_source.class_names, eval_source.class_names
   if None not in names and names[0] != names[1]:
     only = [sorted(set(a) - set(b)) for a, b in (names, names[::-1])]
-    _fail('data', f'the {test!r} split\'s classes are not the {train!r} split\'s: only in '
-          f'{train!r}: {only[0] or "none"}; only in {test!r}: {only[1] or "none"}'
-          + ('' if any(only) else f' (in another order: {list(names[1])})') + '. Give both '
-          'splits the same class folders, or list them in config.data.classes.')
+    fail('data', f'the {test!r} split\'s classes are not the {train!r} split\'s: only in '
+         f'{train!r}: {only[0] or "none"}; only in {test!r}: {only[1] or "none"}'
+         + ('' if any(only) else f' (in another order: {list(names[1])})') + '. Give both '
+         'splits the same class folders, or list them in config.data.classes.')
   if eval_source.num_classes != train_source.num_classes:
-    _fail('data', f'the {test!r} split has {eval_source.num_classes} classes, {train!r} has '
-          f'{train_source.num_classes}.')
+    fail('data', f'the {test!r} split has {eval_source.num_classes} classes, {train!r} has '
+         f'{train_source.num_classes}.')
   if train_source.num_classes < 2:
-    _fail('data', f'the {train!r} split has {train_source.num_classes} class'
-          f'{"" if train_source.num_classes == 1 else "es"}; classifying needs at least two.')
+    fail('data', f'the {train!r} split has {train_source.num_classes} class'
+         f'{"" if train_source.num_classes == 1 else "es"}; classifying needs at least two.')
   if config.batch_size > len(train_source):
-    _fail('batch_size', f'{config.batch_size} exceeds the {len(train_source)} examples of the '
-          f'{config.data.train_split!r} split.')
+    fail('batch_size', f'{config.batch_size} exceeds the {len(train_source)} examples of the '
+         f'{config.data.train_split!r} split.')
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
@@ -332,24 +330,31 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     raise ValueError(f'{path}: no such config file.')
   module_spec = importlib.util.spec_from_file_location('fsp_jax_config_file', path)
   module = importlib.util.module_from_spec(module_spec)
-  try:
+  with _reported(path):
     module_spec.loader.exec_module(module)
-    if not callable(getattr(module, 'get_config', None)):
-      raise ValueError(f'{path}: defines no get_config(); a config file returns its '
-                       'ml_collections.ConfigDict from get_config(arg=None).')
+  if not callable(getattr(module, 'get_config', None)):
+    raise ValueError(f'{path}: defines no get_config(); a config file returns its '
+                     'ml_collections.ConfigDict from get_config(arg=None).')
+  with _reported(path):
     config = module.get_config(*([arg] if arg else []))
-  except SyntaxError as e:
-    raise ValueError(f'{e.filename}, line {e.lineno}: SyntaxError: {e.msg}') from None
-  except ValueError as e:
-    if str(e).startswith(path):
-      raise
-    raise ValueError(f'{path}{_line_in(path, e)}: {e}') from None
-  except Exception as e:  # pylint: disable=broad-except  (whatever the file raised)
-    raise ValueError(f'{path}{_line_in(path, e)}: {type(e).__name__}: {e}') from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ValueError(f'{path}: get_config() returned a {type(config).__name__}, expected an '
                      'ml_collections.ConfigDict (start from fsp_jax.config.default()).')
   return config
+
+
+@contextlib.contextmanager
+def _reported(path: str):
+  """Whatever running the config file at path raises, as a ValueError in one line: the file,
+  the line, the error."""
+  try:
+    yield
+  except SyntaxError as e:
+    raise ValueError(f'{e.filename}, line {e.lineno}: SyntaxError: {e.msg}') from None
+  except ValueError as e:
+    raise ValueError(f'{path}{_line_in(path, e)}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except  (whatever the file raised)
+    raise ValueError(f'{path}{_line_in(path, e)}: {type(e).__name__}: {e}') from None
 
 
 def _line_in(path: str, error: Exception) -> str:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsp_jax import data
+from fsp_jax.errors import fail
 
 
 class Placed(NamedTuple):
@@ -62,11 +63,11 @@ def check_fits(source, preprocess: data.Preprocess) -> None:
   copies = jax.local_device_count() if jax.local_devices()[0].platform == 'cpu' else 1
   memory = device_memory()
   if size * copies > MAX_SHARE * memory:
-    raise ValueError(f'config.data.on_device: the training split is {size / 2**30:.2f} GiB at '
-                     f'its working size ({len(source):,} images of {shape[1]}x{shape[0]}'
-                     f'{f", {copies} copies" if copies > 1 else ""}), more than '
-                     f'{MAX_SHARE:.0%} of a device\'s {memory / 2**30:.1f} GiB. Leave on_device '
-                     'False for this data set (or lower data.image_size).')
+    fail('data.on_device', f'the training split is {size / 2**30:.2f} GiB at its '
+         f'working size ({len(source):,} images of {shape[1]}x{shape[0]}'
+         f'{f", {copies} copies" if copies > 1 else ""}), more than '
+         f'{MAX_SHARE:.0%} of a device\'s {memory / 2**30:.1f} GiB. Leave on_device '
+         'False for this data set (or lower data.image_size).')
 
 
 def stored_images(source, preprocess: data.Preprocess) -> tuple[np.ndarray, np.ndarray]:
@@ -82,9 +83,9 @@ def stored_images(source, preprocess: data.Preprocess) -> tuple[np.ndarray, np.n
     labels.append(label)
   shapes = sorted({image.shape for image in images})
   if len(shapes) > 1:
-    raise ValueError(f'config.data.on_device: the training images are of {len(shapes)} shapes '
-                     f'at their working size (for example {shapes[0]} and {shapes[-1]}); a '
-                     'device array holds one. Leave on_device False for this data set.')
+    fail('data.on_device', f'the training images are of {len(shapes)} shapes at '
+         f'their working size (for example {shapes[0]} and {shapes[-1]}); a device '
+         'array holds one. Leave on_device False for this data set.')
   return np.stack(images), np.asarray(labels, np.int32)
 
 

@@ -21,6 +21,7 @@ from fsp_jax import config as config_lib
 from fsp_jax import data, device_data, logs, methods, models, results, sources, steps, trainer
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.adapters import Student
+from fsp_jax.errors import ConfigError, PairingError, fail
 from fsp_jax.layout import Layout
 
 
@@ -44,13 +45,13 @@ def build_student(method: methods.Method, config: ml_collections.ConfigDict, num
   theirs = methods.features_of(teacher, size)
   try:
     return method.student(config, backbone, mine, theirs)
+  except ConfigError:
+    raise
   except ValueError as e:
-    if str(e).startswith('config.'):
-      raise
-    raise ValueError(f'config.student.model={config.student.model!r} (width '
-                     f'{config.student.width}) cannot be paired with config.teacher.model='
-                     f'{config.teacher.model!r} (width {config.teacher.width}) for method '
-                     f'{method.name!r}: {e}') from e
+    raise PairingError(f'config.student.model={config.student.model!r} (width '
+                       f'{config.student.width}) cannot be paired with config.teacher.model='
+                       f'{config.teacher.model!r} (width {config.teacher.width}) for method '
+                       f'{method.name!r}: {e}') from e
 
 
 # The share of one device's memory that an evaluation batch's computation may take: the
@@ -71,11 +72,12 @@ def check_eval_batch(config: ml_collections.ConfigDict, networks: dict[str, Stud
     need = steps.eval_bytes(network, config.data.image_size, per_device)
     if need and need * copies > EVAL_SHARE * memory:
       fits = max(1, int(per_device * EVAL_SHARE * memory / (need * copies))) * devices
-      raise ValueError(f'config.eval_batch_size={config.eval_batch_size}: evaluating the '
-                       f'{name} on {per_device:,} images per device takes {need / 2**30:.2f} GiB '
-                       f'(XLA\'s figure){f" on each of {copies} devices" if copies > 1 else ""}, '
-                       f'more than {EVAL_SHARE:.0%} of a device\'s {memory / 2**30:.1f} GiB; '
-                       f'lower it to {fits:,} or less.')
+      raise ConfigError('eval_batch_size', f'config.eval_batch_size={config.eval_batch_size}: '
+                        f'evaluating the {name} on {per_device:,} images per device takes '
+                        f'{need / 2**30:.2f} GiB (XLA\'s figure)'
+                        f'{f" on each of {copies} devices" if copies > 1 else ""}, more than '
+                        f'{EVAL_SHARE:.0%} of a device\'s {memory / 2**30:.1f} GiB; lower it to '
+                        f'{fits:,} or less.')
 
 
 def load_teacher(path: str, teacher: Student, image_size: int) -> dict:
@@ -197,6 +199,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 config.dtype))
   students = {m.name: build_student(m, config, num_classes, teacher) for m in chosen}
   needs_teacher = not chosen or any(m.uses_teacher(config) for m in chosen)
+  teacher_variables = None
+  if needs_teacher and config.teacher.checkpoint:
+    try:
+      teacher_variables = load_teacher(config.teacher.checkpoint, teacher,
+                                       config.data.image_size)
+    except ValueError as e:
+      raise ConfigError('teacher.checkpoint', f'config.teacher.checkpoint: {e} '
+                        'config.teacher.model, .width and .num_classes (0: the data set\'s '
+                        'classes) describe the teacher.') from None
+  if config.data.on_device:
+    device_data.check_fits(train_source, preprocess)
+  layout = Layout(workdir)
+  workdir_lib.create(workdir)
+  # The last check, as it compiles: every network evaluated, on one device's part of a batch.
   evaluated = {f'teacher ({config.teacher.model})': teacher} if needs_teacher or any(
       m.network == 'teacher' for m in chosen) else {}
   if any(m.network != 'teacher' for m in chosen):
@@ -204,20 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         build_model(config.student, num_classes, config.dtype))
   check_eval_batch(config, evaluated, max(len(eval_source), len(train_source) if any(
       phase.cached_fsp for m in chosen for phase in m.phases(config)) else 0))
-  teacher_variables = None
-  if needs_teacher and config.teacher.checkpoint:
-    try:
-      teacher_variables = load_teacher(config.teacher.checkpoint, teacher,
-                                       config.data.image_size)
-    except ValueError as e:
-      raise ValueError(f'config.teacher.checkpoint: {e} config.teacher.model, .width and '
-                       '.num_classes (0: the data set\'s classes) describe the teacher.') from None
-  stored = None
-  if config.data.on_device:
-    device_data.check_fits(train_source, preprocess)
-    stored = device_data.stored_images(train_source, preprocess)
-  layout = Layout(workdir)
-  workdir_lib.create(workdir)
+  stored = device_data.stored_images(train_source, preprocess) if config.data.on_device else None
   with workdir_lib.lock(workdir):
     workdir_lib.bind_config(workdir, config, allow_config_change)
     fingerprints = {'train': sources.fingerprint(train_source),

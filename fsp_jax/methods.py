@@ -19,6 +19,7 @@ import numpy as np
 
 from fsp_jax import adapters, fsp, losses, schedules
 from fsp_jax.adapters import Student
+from fsp_jax.errors import fail
 from fsp_jax.schedules import Schedule, schedule
 from fsp_jax.terms import Phase, Term, stage_outputs
 
@@ -47,8 +48,8 @@ def _fsp_student(config, backbone, mine, theirs) -> Student:
   matrices = [jax.eval_shape(fsp.fsp_matrices, f) for f in (mine, theirs)]
   weights = config.fsp.stage_weights
   if weights is not None and len(weights) != len(matrices[1]):
-    raise ValueError(f'config.fsp.stage_weights: expected {len(matrices[1])} weights, one per '
-                     f'FSP matrix of these networks, got {weights}.')
+    fail('fsp.stage_weights', f'expected {len(matrices[1])} weights, one per FSP '
+         f'matrix of these networks, got {weights}.')
   jax.eval_shape(losses.fsp_l2, *matrices)
   return student
 
@@ -56,8 +57,8 @@ def _fsp_student(config, backbone, mine, theirs) -> Student:
 def _fitnet_student(config, backbone, mine, theirs) -> Student:
   hint = config.fitnet.hint
   if hint not in mine or hint not in theirs:
-    raise ValueError(f'config.fitnet.hint: {hint!r} is not a feature of both networks; '
-                     f'expected one of {sorted(set(mine) & set(theirs))}.')
+    fail('fitnet.hint', f'{hint!r} is not a feature of both networks; expected '
+         f'one of {sorted(set(mine) & set(theirs))}.')
   return Student(backbone, hint=(hint, theirs[hint].shape[-1]))
 
 
@@ -187,10 +188,6 @@ def _fitnet_phases(config) -> tuple[Phase, ...]:
           Phase('stage2', Schedule.of(c.stage2), (Term('ce'),) + kd))
 
 
-def _fail(key: str, message: str):
-  raise ValueError(f'config.{key}: {message}')
-
-
 def _finite(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -199,37 +196,37 @@ def _number(config, key: str, low: float, strict: bool) -> None:
   section, name = key.split('.')
   value = config[section][name]
   if not _finite(value) or not (value > low if strict else value >= low):
-    _fail(key, f'expected a finite number {">" if strict else ">="} {low}, got {value!r}.')
+    fail(key, f'expected a finite number {">" if strict else ">="} {low}, got {value!r}.')
 
 
 def _check_fsp(config) -> None:
   c = config.fsp
   if c.normalize not in losses.FSP_NORMALIZATIONS:
-    _fail('fsp.normalize', f'unknown {c.normalize!r}; expected one of '
-          f'{", ".join(losses.FSP_NORMALIZATIONS)}.')
+    fail('fsp.normalize', f'unknown {c.normalize!r}; expected one of '
+         f'{", ".join(losses.FSP_NORMALIZATIONS)}.')
   _number(config, 'fsp.weight', 0, strict=True)
   if c.stage_weights is not None and (not isinstance(c.stage_weights, tuple) or any(
       not _finite(w) or w < 0 for w in c.stage_weights)):
-    _fail('fsp.stage_weights', f'expected a tuple of weights >= 0, one per FSP matrix, or None '
-          f'(all equal), got {c.stage_weights!r}.')
+    fail('fsp.stage_weights', f'expected a tuple of weights >= 0, one per FSP matrix, or None '
+         f'(all equal), got {c.stage_weights!r}.')
   if not isinstance(c.shuffle_seed, int) or isinstance(c.shuffle_seed, bool) or c.shuffle_seed < 0:
-    _fail('fsp.shuffle_seed', f'expected an integer >= 0, got {c.shuffle_seed!r}.')
+    fail('fsp.shuffle_seed', f'expected an integer >= 0, got {c.shuffle_seed!r}.')
   _number(config, 'fsp.task_weight', 0, strict=False)
   _number(config, 'fsp.max_grad_norm', 0, strict=False)
   if not isinstance(c.cache, bool):
-    _fail('fsp.cache', f'expected True or False, got {c.cache!r}.')
+    fail('fsp.cache', f'expected True or False, got {c.cache!r}.')
 
 
 def _check_fitnet(config) -> None:
   _number(config, 'fitnet.temperature', 0, strict=True)
   weights = config.fitnet.kd_weight
   if len(weights) != 2 or any(not _finite(w) or w < 0 for w in weights):
-    _fail('fitnet.kd_weight', f'expected (start, end) weights >= 0, got {weights!r}.')
+    fail('fitnet.kd_weight', f'expected (start, end) weights >= 0, got {weights!r}.')
   _number(config, 'fitnet.weight', 0, strict=True)
   _number(config, 'fitnet.max_grad_norm', 0, strict=False)
   if config.fitnet.normalize not in losses.HINT_NORMALIZATIONS:
-    _fail('fitnet.normalize', f'unknown {config.fitnet.normalize!r}; expected one of '
-          f'{", ".join(losses.HINT_NORMALIZATIONS)}.')
+    fail('fitnet.normalize', f'unknown {config.fitnet.normalize!r}; expected one of '
+         f'{", ".join(losses.HINT_NORMALIZATIONS)}.')
 
 
 def _check_kd(config) -> None:

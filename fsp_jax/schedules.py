@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from fsp_jax.errors import fail
+
 DECAYS = ('step', 'cosine')
 
 
@@ -56,29 +58,26 @@ def find(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
 
 
 def validate(key: str, sched) -> None:
-  """Raises ValueError naming config.<key> when the schedule is malformed."""
+  """Raises ConfigError naming config.<key> when the schedule is malformed."""
   lrs, until = tuple(sched.lrs), tuple(sched.until)
   if not lrs or len(lrs) != len(until):
-    raise ValueError(f'config.{key}: lrs {lrs} and until {until} must be non-empty and of '
-                     'equal length.')
+    fail(key, f'lrs {lrs} and until {until} must be non-empty and of equal length.')
   if any(not isinstance(u, int) or isinstance(u, bool) or not 1 <= u < 2**31 for u in until) or \
       list(until) != sorted(set(until)):
-    raise ValueError(f'config.{key}.until: iteration boundaries must be integers in [1, 2**31) '
-                     f'in increasing order, got {until}.')
+    fail(f'{key}.until', 'iteration boundaries must be integers in [1, 2**31) in '
+         f'increasing order, got {until}.')
   if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf
          for lr in lrs):
-    raise ValueError(f'config.{key}.lrs: learning rates must be positive and finite, got '
-                     f'{lrs}.')
+    fail(f'{key}.lrs', f'learning rates must be positive and finite, got {lrs}.')
   if sched.decay not in DECAYS:
-    raise ValueError(f'config.{key}.decay: unknown {sched.decay!r}; expected one of '
-                     f'{", ".join(DECAYS)}.')
+    fail(f'{key}.decay', f'unknown {sched.decay!r}; expected one of '
+         f'{", ".join(DECAYS)}.')
   if sched.decay == 'cosine' and len(lrs) != 1:
-    raise ValueError(f'config.{key}: a cosine schedule has one peak rate and one length, got '
-                     f'lrs {lrs}.')
+    fail(key, f'a cosine schedule has one peak rate and one length, got lrs {lrs}.')
   if not isinstance(sched.warmup, int) or isinstance(sched.warmup, bool) or not (
       0 <= sched.warmup < until[-1]):
-    raise ValueError(f'config.{key}.warmup: expected an integer in [0, {until[-1]}), got '
-                     f'{sched.warmup!r}.')
+    fail(f'{key}.warmup', f'expected an integer in [0, {until[-1]}), got '
+         f'{sched.warmup!r}.')
 
 
 def to_optax(sched) -> optax.Schedule:

@@ -17,6 +17,7 @@ from configs import common
 from fsp_jax import config as config_lib
 from fsp_jax import experiment
 from fsp_jax import workdir as workdir_lib
+from fsp_jax.errors import ConfigError, PairingError
 import helpers
 import test_data
 
@@ -219,6 +220,13 @@ def test_bad_input_fails_at_once_naming_it(name, tmp_path):
   with pytest.raises((ValueError, RuntimeError)) as error:
     experiment.train_and_evaluate(config, workdir)
   assert re.search(pattern, str(error.value)), str(error.value)
+  # Told apart by type: a message naming a key is a ConfigError carrying it.
+  named = re.match(r'config\.([\w.]+)[:=]', str(error.value))
+  if 'cannot be paired' in str(error.value):
+    assert isinstance(error.value, PairingError), type(error.value)
+  elif named:
+    assert isinstance(error.value, ConfigError) and error.value.key == named[1], (
+        type(error.value), getattr(error.value, 'key', None))
   assert not COMPILATIONS, f'compiled before failing: {COMPILATIONS}'
   assert not os.path.isdir(os.path.join(workdir, 'teacher'))
 

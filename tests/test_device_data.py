@@ -123,17 +123,22 @@ def test_eight_steps_per_call_equal_two_exactly_and_one_to_float_tolerance(on_de
     np.testing.assert_allclose(a, c, rtol=0, atol=1e-2 * np.abs(c).max())
 
 
+def _stopped_at_step_8(whole: str, copy: str) -> None:
+  """A copy of a finished 16-step run as a kill after its checkpoint at step 8 leaves it."""
+  shutil.copytree(whole, copy)
+  net = os.path.join(copy, 'scratch', 'net1')
+  for name in ('result.json', 'model', os.path.join('train', '12'), os.path.join('train', '16')):
+    path = os.path.join(net, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  assert sorted(os.listdir(os.path.join(net, 'train'))) == ['8']
+
+
 def test_resumed_run_with_data_on_device_and_calls_of_four_equals_uninterrupted(tmp_path):
   """Stopped after its checkpoint at step 8 (of 16), as a kill would leave it."""
   config = _tiny(**{'steps_per_call': 4, 'data.on_device': True})
   whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
   experiment.train_and_evaluate(config, whole)
-  shutil.copytree(whole, resumed)
-  net = os.path.join(resumed, 'scratch', 'net1')
-  for name in ('result.json', 'model', os.path.join('train', '12'), os.path.join('train', '16')):
-    path = os.path.join(net, name)
-    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-  assert sorted(os.listdir(os.path.join(net, 'train'))) == ['8']
+  _stopped_at_step_8(whole, resumed)
   experiment.train_and_evaluate(config, resumed)
   for a, b in zip(_model(whole), _model(resumed)):
     np.testing.assert_array_equal(a, b)
@@ -147,11 +152,7 @@ def test_a_net_resumes_across_performance_settings(tmp_path):
   host = _tiny(**{'steps_per_call': 1, 'data.on_device': False})
   whole, moved, other = (str(tmp_path / name) for name in ('whole', 'moved', 'other'))
   experiment.train_and_evaluate(host, whole)
-  shutil.copytree(whole, moved)
-  net = os.path.join(moved, 'scratch', 'net1')
-  for name in ('result.json', 'model', os.path.join('train', '12'), os.path.join('train', '16')):
-    path = os.path.join(net, name)
-    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  _stopped_at_step_8(whole, moved)
   experiment.train_and_evaluate(_tiny(**{'steps_per_call': 2, 'data.on_device': True}), moved)
   experiment.train_and_evaluate(_tiny(**{'steps_per_call': 1, 'seed': 1}), other)
   gaps = [(np.abs(a - b).max(), np.abs(a - c).max(), np.abs(a).max())
