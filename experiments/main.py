@@ -20,7 +20,7 @@ import jax
 from ml_collections import config_flags
 
 from fsp_jax import config as config_lib
-from fsp_jax import experiment, hosts, trainer
+from fsp_jax import experiment, hosts, preemption
 from fsp_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -162,7 +162,7 @@ def main(argv):
   end_heartbeat = _join_hosts()
   try:
     experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
-  except trainer.Preempted as e:  # Every process stops at the same step.
+  except preemption.Preempted as e:  # Every process stops at the same step.
     print(e, flush=True)
     _exit(128 + e.signum, end_heartbeat, together=True)
   except KeyboardInterrupt:  # A second Ctrl-C, or one before training began.

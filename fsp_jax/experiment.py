@@ -18,7 +18,8 @@ import numpy as np
 
 from fsp_jax import checkpoints
 from fsp_jax import config as config_lib
-from fsp_jax import data, device_data, logs, methods, models, results, sources, steps, trainer
+from fsp_jax import data, device_data, evaluation, logs, methods, models, preemption, results
+from fsp_jax import sources, steps, trainer
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.adapters import Student
 from fsp_jax.errors import ConfigError, PairingError, fail
@@ -89,12 +90,12 @@ def load_teacher(path: str, teacher: Student, image_size: int) -> dict:
 def teacher_fsp_cache(teacher, variables, source, preprocess, batch_size: int) -> tuple:
   """The teacher's FSP matrices of every example of source, seen as in evaluation (no
   augmentation): a [N, M, N'] float32 array per stage, on every host. A signal stops it within
-  a batch (trainer.Preempted).
+  a batch (preemption.Preempted).
 
   variables are replicated over the local devices.
   """
-  matrices, _ = trainer.predict(steps.make_fsp_step(teacher), variables, source, preprocess,
-                                batch_size, interruptible="teacher's FSP matrices")
+  matrices, _ = evaluation.predict(steps.make_fsp_step(teacher), variables, source,
+                                   preprocess, batch_size, interruptible="teacher's FSP matrices")
   return tuple(matrices)
 
 
@@ -150,7 +151,7 @@ def _row(ctx: trainer.Context, method: methods.Method, finished: list[dict]) -> 
 def _teacher_row(ctx: trainer.Context, teacher: Student, variables) -> dict:
   """The row of a teacher loaded from its checkpoint: its test accuracy (process 0 saves its
   test probabilities and the labels, so that the accuracy can be recomputed)."""
-  metrics, probs, labels = trainer.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
+  metrics, probs, labels = evaluation.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
                                             ctx.config.eval_batch_size,
                                             interruptible="the teacher's test accuracy")
   if jax.process_index() == 0:
@@ -226,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     fingerprints = {'train': sources.fingerprint(train_source),
                     'test': sources.fingerprint(eval_source)}
     workdir_lib.bind_data(workdir, fingerprints, allow_config_change)
-    trainer.install_preemption_handler()
+    preemption.install_handler()
     if config.steps_per_call > 1 and jax.default_backend() == 'cpu':
       logs.say(f'Note: config.steps_per_call={config.steps_per_call} runs the steps of a call in '
                'a loop, whose convolution gradients XLA:CPU runs about 20x slower '

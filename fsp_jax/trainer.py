@@ -1,4 +1,4 @@
-"""One network of a table through its phases: the training loop, evaluation and preemption.
+"""One network of a table through its phases: the training loop, its checkpoints and files.
 
 A *run* trains net k (1, 2, ...) of a method: 'train' for plain training, 'stage1' then
 'stage2' for FSP and FitNet. Every phase checkpoints into its folder of the workdir (see
@@ -17,8 +17,6 @@ import datetime
 import functools
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -29,7 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import optax
 
-from fsp_jax import checkpoints, data, device_data, logs, methods, steps
+from fsp_jax import checkpoints, data, device_data, evaluation, logs, methods, preemption
+from fsp_jax import steps
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.adapters import Student
 from fsp_jax import layout as layout_lib
@@ -37,57 +36,6 @@ from fsp_jax.layout import Layout, NetFiles
 from fsp_jax.terms import Phase
 
 SNAPSHOT_IMAGES = 256  # Test images whose mean FSP matrices a run saves for the report.
-_STOP = threading.Event()
-_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT (Ctrl-C)',
-            signal.SIGHUP: 'SIGHUP (its terminal closed)'}
-_received: list[int] = []
-
-
-class Preempted(Exception):
-  """Raised after SIGTERM (a TPU VM's preemption notice), SIGINT or SIGHUP, once a checkpoint
-  is saved; `signum` is the signal."""
-
-  def __init__(self, message: str, signum: int):
-    super().__init__(message)
-    self.signum = signum
-
-
-def _on_signal(signum, frame):
-  del frame
-  if _STOP.is_set() and signum == signal.SIGINT:
-    raise KeyboardInterrupt  # A second Ctrl-C: stop at once, without saving.
-  _received.append(signum)
-  _STOP.set()
-
-
-def install_preemption_handler() -> None:
-  """Makes SIGTERM, SIGINT and SIGHUP stop training at the next step, after a checkpoint (a
-  second SIGINT aborts at once). A SIGHUP already ignored stays so: `nohup` ignores it so that
-  the run outlives its terminal. Main thread only."""
-  if threading.current_thread() is threading.main_thread():
-    for signum in _SIGNALS:
-      if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
-        signal.signal(signum, _on_signal)
-
-
-def preemption_requested(sync_point: bool) -> bool:
-  """Whether to stop now. One host checks its flag every step; several agree at sync points
-  (log and checkpoint steps), so that all stop at the same step."""
-  if jax.process_count() == 1:
-    return _STOP.is_set()
-  if not sync_point:
-    return False
-  flag = np.asarray(_STOP.is_set())
-  return bool(np.any(multihost_utils.process_allgather(flag)))
-
-
-def _preempted(where: str, what: str) -> Preempted:
-  """The exception that ends a run after the last signal received, saying what was done."""
-  signum = _received[-1] if _received else signal.SIGTERM
-  return Preempted(f'[{where}] {_SIGNALS[signum]}: {what}; run the same command again to '
-                   'resume.', signum)
-
-
 @dataclasses.dataclass(frozen=True)
 class Every:
   """Whether a periodic action is due after `step` steps of a phase of `end` steps: every
@@ -149,61 +97,6 @@ class Run:
 
   def files(self, layout: Layout) -> NetFiles:
     return layout.net(self.method.name, self.net)
-
-
-def gather_in_order(chunks: list[np.ndarray]) -> np.ndarray:
-  """Per-host chunks [per-host batch, ...] -> all examples [N, ...] in global order."""
-  x = np.asarray(multihost_utils.process_allgather(np.stack(chunks)))  # [hosts, batches, ...]
-  return np.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:])
-
-
-# Evaluation batches dispatched beyond the oldest one still running: the host prepares the next
-# batches while the device works, and fetches every output once, at the end.
-EVAL_IN_FLIGHT = 2
-
-
-def predict(step, variables, source, preprocess: data.Preprocess, batch_size: int,
-            interruptible: str = ''):
-  """One pass of a pmapped step(variables, sharded batch) -> per-example outputs [devices, b,
-  ...] over a split in order: (outputs [N, ...] of every example, labels [N]) on every host.
-  Batches hold batch_size examples, or the split's whole where that is fewer (rounded up to the
-  devices), so a large batch_size pads nothing. `interruptible` (a name for the pass): a signal
-  stops the pass within a batch, raising Preempted.
-
-  variables are replicated over the local devices.
-  """
-  outputs, labels, masks = [], [], []
-  devices = jax.device_count()  # A batch need not be larger than the split, whole per device.
-  batch_size = min(batch_size, -(-len(source) // devices) * devices)
-  for i, batch in enumerate(data.eval_batches(source, preprocess, batch_size)):
-    if interruptible and preemption_requested(sync_point=True):
-      raise _preempted(interruptible, f'stopped after {i} of {-(-len(source) // batch_size)} '
-                       'batches, before anything was saved')
-    outputs.append(step(variables, data.shard(batch, jax.local_device_count())))
-    if len(outputs) > EVAL_IN_FLIGHT:  # Bounds the batches queued on the device.
-      jax.block_until_ready(outputs[-1 - EVAL_IN_FLIGHT])
-    labels.append(batch['label'])
-    masks.append(batch['mask'])
-  outputs = [jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
-             for out in jax.device_get(outputs)]  # One fetch, after the last dispatch.
-  mask = gather_in_order(masks)
-  outputs = jax.tree_util.tree_map(lambda *chunks: gather_in_order(list(chunks))[mask],
-                                   *outputs)
-  return outputs, gather_in_order(labels)[mask]
-
-
-def evaluate(model, variables, source, preprocess: data.Preprocess, batch_size: int,
-             interruptible: str = ''):
-  """Accuracy and loss over a split; its probabilities [N, classes] and labels [N], in order
-  (`interruptible`: as for predict).
-
-  variables are replicated over the local devices.
-  """
-  out, labels = predict(steps.make_eval_step(model), variables, source, preprocess, batch_size,
-                        interruptible)
-  metrics = {'accuracy': float(np.mean(np.argmax(out['probs'], -1) == labels)),
-             'loss': float(np.mean(out['loss']))}
-  return metrics, out['probs'], labels
 
 
 def _report_eval(where: str, step: int, metrics: dict, writer: logs.Writer) -> None:
@@ -301,8 +194,8 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
 
   offset is the number of steps of earlier phases, for global step numbers in the logs.
   history.train_s sums the run's training seconds over every process that worked on it.
-  Raises Preempted after SIGTERM or SIGINT (once a checkpoint is saved) and FloatingPointError
-  on a non-finite loss or gradient (keeping the last good checkpoint).
+  Raises preemption.Preempted after SIGTERM or SIGINT (once a checkpoint is saved) and
+  FloatingPointError on a non-finite loss or gradient (keeping the last good checkpoint).
   """
   config, where = ctx.config, f'{run.label} {phase.name}'
   tx = phase_optimizer(config, phase)
@@ -351,15 +244,16 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
       pending.append(metrics)
       done = first + k
       log, save, evaluates = log_due(done), save_due(done), eval_due(done)
-      stop = preemption_requested(sync_point=log or save)
+      stop = preemption.requested(sync_point=log or save)
       if save or stop or evaluates:
         report(done, pending, log)
         pending = []
       elif log:  # Reported after the next call is dispatched: the device never waits for it.
         deferred, pending = (done, pending), []
       if evaluates:
-        result, _, _ = evaluate(run.student, replicated.variables(), ctx.eval_source,
-                                ctx.preprocess, config.eval_batch_size)
+        result, _, _ = evaluation.evaluate(run.student, replicated.variables(),
+                                           ctx.eval_source, ctx.preprocess,
+                                           config.eval_batch_size)
         _report_eval(where, offset + done, result, writer)
         history.eval.append([offset + done, result['accuracy']])
       if save or stop:
@@ -368,7 +262,7 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
         saved.save(done, jax.device_get(jax_utils.unreplicate(replicated)), history.to_json())
         last_saved = f'the last good checkpoint is step {done} in {saved.directory}'
       if stop:
-        raise _preempted(where, f'saved a checkpoint at step {done} in {saved.directory}')
+        raise preemption.stopped(where, f'saved a checkpoint at step {done} in {saved.directory}')
   finally:
     saved.close()
   return jax.device_get(jax_utils.unreplicate(replicated)).variables(), history
@@ -507,8 +401,9 @@ def train_net(ctx: Context, run: Run) -> dict:
   with contextlib.closing(logs.Writer(files.tensorboard)) as writer:
     variables, history = _train_phases(ctx, run, writer)
     evaluated = time.time()
-    metrics, probs, labels = evaluate(run.student, steps.replicate(variables), ctx.eval_source,
-                                      ctx.preprocess, config.eval_batch_size)
+    metrics, probs, labels = evaluation.evaluate(run.student, steps.replicate(variables),
+                                                 ctx.eval_source, ctx.preprocess,
+                                                 config.eval_batch_size)
     history.eval.append([iterations, metrics['accuracy']])
     _report_eval(run.label, iterations, metrics, writer)
   result = {'method': run.method.name, 'net': run.net, 'model': run.model_name, **metrics,

@@ -6,7 +6,7 @@ import pytest
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import data, device_data, experiment, models, sources, steps, trainer
+from fsp_jax import data, device_data, evaluation, experiment, models, sources, steps
 from fsp_jax.adapters import Student
 
 
@@ -35,7 +35,7 @@ def test_each_example_once_in_order_whatever_the_batch_size(model_and_source):
   more than 10 outputs; BatchNorm in training mode makes an example's output depend on its
   batch's other examples."""
   model, variables, source, preprocess = model_and_source
-  runs = [trainer.evaluate(model, variables, source, preprocess, b) for b in (4, 8, 2**20)]
+  runs = [evaluation.evaluate(model, variables, source, preprocess, b) for b in (4, 8, 2**20)]
   for metrics, probs, labels in runs:
     assert probs.shape == (10, 10)
     np.testing.assert_array_equal(labels, np.arange(10))
@@ -45,7 +45,7 @@ def test_each_example_once_in_order_whatever_the_batch_size(model_and_source):
 def test_evaluation_uses_the_running_statistics(model_and_source):
   """The probabilities are those of the model in inference mode on each image alone."""
   model, variables, source, preprocess = model_and_source
-  _, probs, _ = trainer.evaluate(model, variables, source, preprocess, 8)
+  _, probs, _ = evaluation.evaluate(model, variables, source, preprocess, 8)
   single = jax.tree.map(lambda v: v[0], variables)
   batch = next(data.eval_batches(source, preprocess, 12))
   logits, _ = model.apply(single, batch['image'][:10], train=False)
@@ -58,7 +58,7 @@ def test_a_batch_larger_than_the_split_reads_it_in_one_batch(model_and_source, m
   original = data.eval_batches
   monkeypatch.setattr(data, 'eval_batches', lambda s, p, b, *a: sizes.append(b) or original(
       s, p, b, *a))
-  trainer.evaluate(model, variables, source, preprocess, 2**20)
+  evaluation.evaluate(model, variables, source, preprocess, 2**20)
   assert sizes == [12]
 
 

@@ -12,7 +12,7 @@ from tensorboardX.proto import event_pb2
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import data, experiment, methods, sources, steps, trainer
+from fsp_jax import data, evaluation, experiment, methods, preemption, sources, steps, trainer
 from fsp_jax.layout import Layout
 import helpers
 
@@ -71,15 +71,15 @@ def test_a_signal_stops_an_interruptible_pass_within_a_batch():
 
   def step(variables, batch):  # Receives a signal during its first batch.
     calls.append(batch['image'].shape)
-    trainer._on_signal(signal.SIGTERM, None)  # pylint: disable=protected-access
+    preemption._on_signal(signal.SIGTERM, None)  # pylint: disable=protected-access
     return jax.numpy.zeros(batch['image'].shape[:2])
 
   try:
-    with pytest.raises(trainer.Preempted, match=r"\[pass\] SIGTERM: stopped after 1 of 15 "
+    with pytest.raises(preemption.Preempted, match=r"\[pass\] SIGTERM: stopped after 1 of 15 "
                        'batches'):
-      trainer.predict(step, None, source, preprocess, 24, interruptible='pass')
+      evaluation.predict(step, None, source, preprocess, 24, interruptible='pass')
   finally:
-    trainer._STOP.clear()  # pylint: disable=protected-access
+    preemption._STOP.clear()  # pylint: disable=protected-access
   assert len(calls) == 1
 
 

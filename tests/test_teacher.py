@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fsp_jax import data, experiment, methods, models, sources, trainer
+from fsp_jax import data, evaluation, experiment, methods, models, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, 'results', 'teacher_cifar10')
@@ -21,7 +21,7 @@ def test_committed_teacher_matches_its_reported_accuracy():
   teacher = methods.Student(models.get('resnet26', 10, axis_name='batch'))
   variables = experiment.load_teacher(os.path.join(TEACHER, 'model'), teacher, 32)
   test_slice = sources.folder_source(CIFAR10, 'test', max_per_class=100)
-  metrics, _, labels = trainer.evaluate(teacher, variables, test_slice,
+  metrics, _, labels = evaluation.evaluate(teacher, variables, test_slice,
                                         data.Preprocess(32, 'none'), 200)
   assert len(labels) == 1000
   assert reported >= 0.88 and abs(metrics['accuracy'] - reported) <= 0.03, (metrics, reported)
