@@ -184,11 +184,20 @@ class _EvalBatch:
   per_host: int
 
   def __call__(self, b: int) -> dict:
-    positions = b * self.global_batch + self.first + np.arange(self.per_host)
-    mask = positions < len(self.source)
-    images, labels = zip(*(self.source[i] for i in np.where(mask, positions, 0)))
+    indices, mask = eval_positions(b, self.global_batch, self.first, self.per_host,
+                                   len(self.source))
+    images, labels = zip(*(self.source[i] for i in indices))
     return {'image': self.preprocess(images, None), 'label': np.asarray(labels, np.int32),
             'mask': mask}
+
+
+def eval_positions(b: int, global_batch: int, first: int, per_host: int,
+                   num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  """A host's examples [per_host] of batch b of a pass in order, and their mask: positions
+  past the split's end read example 0, masked."""
+  positions = b * global_batch + first + np.arange(per_host)
+  mask = positions < num_examples
+  return np.where(mask, positions, 0).astype(np.int32), mask
 
 
 def _end_with_parent(worker_index: int, worker_count: int) -> None:

@@ -15,6 +15,7 @@ Every local device holds the whole split, so that it can gather any example of a
 without communicating; a split that does not fit stays on the host (`data.train_batches`).
 """
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -55,17 +56,21 @@ def split_bytes(source, preprocess: data.Preprocess) -> tuple[int, tuple[int, ..
   return len(source) * int(np.prod(shape)), shape
 
 
-def check_fits(source, preprocess: data.Preprocess) -> None:
-  """Raises ValueError, before any image but the first is resized, where the split at its
-  working size would take more than MAX_SHARE of one device's memory (of the host's, for
-  every local CPU device together: each holds a copy)."""
+def check_fits(source, preprocess: data.Preprocess, eval_source=None) -> None:
+  """Raises ValueError, before any image but the first is resized, where the training split at
+  its working size (and the evaluation split's centre crops) would take more than MAX_SHARE of
+  one device's memory (of the host's, for every local CPU device together: each holds a
+  copy)."""
   size, shape = split_bytes(source, preprocess)
+  if eval_source is not None:
+    size += len(eval_source) * preprocess.image_size ** 2 * 3
   copies = jax.local_device_count() if jax.local_devices()[0].platform == 'cpu' else 1
   memory = device_memory()
   if size * copies > MAX_SHARE * memory:
     fail('data.on_device', f'the training split is {size / 2**30:.2f} GiB at its '
          f'working size ({len(source):,} images of {shape[1]}x{shape[0]}'
-         f'{f", {copies} copies" if copies > 1 else ""}), more than '
+         f'{f", {copies} copies" if copies > 1 else ""}'
+         f'{", with the test split" if eval_source is not None else ""}), more than '
          f'{MAX_SHARE:.0%} of a device\'s {memory / 2**30:.1f} GiB. Leave on_device '
          'False for this data set (or lower data.image_size).')
 
@@ -89,9 +94,29 @@ def stored_images(source, preprocess: data.Preprocess) -> tuple[np.ndarray, np.n
   return np.stack(images), np.asarray(labels, np.int32)
 
 
+def centre_crops(source, preprocess: data.Preprocess) -> tuple[np.ndarray, np.ndarray]:
+  """Every example of source as evaluation takes it, before normalising: the centre crop of
+  its working size, images [N, S, S, 3] uint8, and labels [N]."""
+  size, images, labels = preprocess.image_size, [], []
+  for i in range(len(source)):
+    image, label = source[i]
+    image = preprocess.resized(image)
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    images.append(image[top:top + size, left:left + size])
+    labels.append(label)
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
+@functools.cache
+def make_eval_gather(preprocess: data.Preprocess):
+  """A pmapped (placed, indices [devices, b]) -> {'image', 'label'} [devices, b, ...]: the
+  examples of an evaluation batch, from `centre_crops` placed on the devices."""
+  return jax.pmap(lambda placed, indices: gather(placed, preprocess, indices, None))
+
+
 def place(images: np.ndarray, labels: np.ndarray, teacher_fsp: tuple | None = None) -> Placed:
-  """The training split (`stored_images`) and the teacher's cached matrices, copied to every
-  local device."""
+  """A split (`stored_images`, `centre_crops`) and, for training, the teacher's cached
+  matrices, copied to every local device."""
   return Placed(*jax_utils.replicate((images, labels, teacher_fsp)))
 
 

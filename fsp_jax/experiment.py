@@ -151,9 +151,10 @@ def _row(ctx: trainer.Context, method: methods.Method, finished: list[dict]) -> 
 def _teacher_row(ctx: trainer.Context, teacher: Student, variables) -> dict:
   """The row of a teacher loaded from its checkpoint: its test accuracy (process 0 saves its
   test probabilities and the labels, so that the accuracy can be recomputed)."""
-  metrics, probs, labels = evaluation.evaluate(teacher, variables, ctx.eval_source, ctx.preprocess,
-                                            ctx.config.eval_batch_size,
-                                            interruptible="the teacher's test accuracy")
+  metrics, probs, labels = evaluation.evaluate(teacher, variables, ctx.eval_source,
+                                               ctx.preprocess, ctx.config.eval_batch_size,
+                                               interruptible="the teacher's test accuracy",
+                                               placed=ctx.placed_test)
   if jax.process_index() == 0:
     for path, array in ((ctx.layout.teacher_test_probs, probs.astype(np.float32)),
                         (ctx.layout.test_labels, labels)):
@@ -210,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         'config.teacher.model, .width and .num_classes (0: the data set\'s '
                         'classes) describe the teacher.') from None
   if config.data.on_device:
-    device_data.check_fits(train_source, preprocess)
+    device_data.check_fits(train_source, preprocess, eval_source)
   layout = Layout(workdir)
   workdir_lib.create(workdir)
   # The last check, as it compiles: every network evaluated, on one device's part of a batch.
@@ -232,7 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logs.say(f'Note: config.steps_per_call={config.steps_per_call} runs the steps of a call in '
                'a loop, whose convolution gradients XLA:CPU runs about 20x slower '
                '(jax-ml/jax#12868); it is meant for GPUs and TPUs.')
-    ctx = trainer.Context(config, layout, train_source, eval_source, preprocess)
+    ctx = trainer.Context(config, layout, train_source, eval_source, preprocess,
+                          placed_test=device_data.place(*device_data.centre_crops(
+                              eval_source, preprocess)) if config.data.on_device else None)
     rows = []
     if needs_teacher and teacher_variables is None:
       teacher_variables, rows = _train_teachers(ctx, teacher)

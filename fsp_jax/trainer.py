@@ -75,6 +75,7 @@ class Context:
   preprocess: data.Preprocess  # Augments when given draws (training), not in evaluation.
   teacher_fsp: tuple | None = None  # The teacher's matrices by training example (fsp.cache).
   placed: device_data.Placed | None = None  # The training split on the devices (on_device).
+  placed_test: device_data.Placed | None = None  # The test split's centre crops, likewise.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -253,7 +254,7 @@ def train_phase(ctx: Context, run: Run, phase: Phase, variables: dict, history: 
       if evaluates:
         result, _, _ = evaluation.evaluate(run.student, replicated.variables(),
                                            ctx.eval_source, ctx.preprocess,
-                                           config.eval_batch_size)
+                                           config.eval_batch_size, placed=ctx.placed_test)
         _report_eval(where, offset + done, result, writer)
         history.eval.append([offset + done, result['accuracy']])
       if save or stop:
@@ -403,7 +404,7 @@ def train_net(ctx: Context, run: Run) -> dict:
     evaluated = time.time()
     metrics, probs, labels = evaluation.evaluate(run.student, steps.replicate(variables),
                                                  ctx.eval_source, ctx.preprocess,
-                                                 config.eval_batch_size)
+                                                 config.eval_batch_size, placed=ctx.placed_test)
     history.eval.append([iterations, metrics['accuracy']])
     _report_eval(run.label, iterations, metrics, writer)
   result = {'method': run.method.name, 'net': run.net, 'model': run.model_name, **metrics,
