@@ -49,6 +49,12 @@ def device_memory() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
+def copies_in_memory() -> int:
+  """How many copies of an array placed on every local device share one `device_memory`: all
+  of them on CPU devices (the host's memory), one on an accelerator."""
+  return jax.local_device_count() if jax.local_devices()[0].platform == 'cpu' else 1
+
+
 def split_bytes(source, preprocess: data.Preprocess) -> tuple[int, tuple[int, ...]]:
   """The bytes of a split at its working size, and that size (H, W, 3), from its first image
   alone."""
@@ -64,8 +70,7 @@ def check_fits(source, preprocess: data.Preprocess, eval_source=None) -> None:
   size, shape = split_bytes(source, preprocess)
   if eval_source is not None:
     size += len(eval_source) * preprocess.image_size ** 2 * 3
-  copies = jax.local_device_count() if jax.local_devices()[0].platform == 'cpu' else 1
-  memory = device_memory()
+  copies, memory = copies_in_memory(), device_memory()
   if size * copies > MAX_SHARE * memory:
     fail('data.on_device', f'the training split is {size / 2**30:.2f} GiB at its '
          f'working size ({len(source):,} images of {shape[1]}x{shape[0]}'

@@ -67,8 +67,7 @@ def check_eval_batch(config: ml_collections.ConfigDict, networks: dict[str, Stud
   device's memory (of the host's, for every local CPU device together)."""
   devices = jax.device_count()
   per_device = -(-min(config.eval_batch_size, -(-examples // devices) * devices) // devices)
-  copies = jax.local_device_count() if jax.local_devices()[0].platform == 'cpu' else 1
-  memory = device_data.device_memory()
+  copies, memory = device_data.copies_in_memory(), device_data.device_memory()
   for name, network in networks.items():
     need = steps.eval_bytes(network, config.data.image_size, per_device)
     if need and need * copies > EVAL_SHARE * memory:
@@ -220,8 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if any(m.network != 'teacher' for m in chosen):
     evaluated[f'student ({config.student.model})'] = Student(
         build_model(config.student, num_classes, config.dtype))
-  check_eval_batch(config, evaluated, max(len(eval_source), len(train_source) if any(
-      phase.cached_fsp for m in chosen for phase in m.phases(config)) else 0))
+  cached = any(phase.cached_fsp for m in chosen for phase in m.phases(config))
+  check_eval_batch(config, evaluated, max(len(eval_source), len(train_source) if cached else 0))
   stored = device_data.stored_images(train_source, preprocess) if config.data.on_device else None
   with workdir_lib.lock(workdir):
     workdir_lib.bind_config(workdir, config, allow_config_change)
@@ -241,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       teacher_variables, rows = _train_teachers(ctx, teacher)
     elif needs_teacher and not config.teacher.num_classes:  # Other classes: no accuracy here.
       rows = [_teacher_row(ctx, teacher, teacher_variables)]
-    if any(phase.cached_fsp for m in chosen for phase in m.phases(config)):
+    if cached:
       ctx = dataclasses.replace(ctx, teacher_fsp=_saved_teacher_fsp(
           ctx, teacher, teacher_variables, fingerprints['train']))
     if stored is not None:

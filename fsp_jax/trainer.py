@@ -361,8 +361,9 @@ def _claim(files: NetFiles, settings: dict, label: str) -> None:
   if jax.process_index() == 0:
     if os.path.exists(files.settings):
       recorded = layout_lib.read_json(files.settings, 'the settings of this net\'s checkpoints')
-      if workdir_lib.config_changes(recorded, settings):
-        changed = ', '.join(workdir_lib.config_changes(recorded, settings))
+      changes = workdir_lib.config_changes(recorded, settings)
+      if changes:
+        changed = ', '.join(changes)
         aside = files.replaced(f'{datetime.datetime.now():%Y%m%d-%H%M%S}')
         os.replace(files.root, aside)
         logs.say(f'[{label}] its checkpoints were made with other settings ({changed}): moved '
