@@ -7,7 +7,7 @@ r"""Loop benchmark: the whole training loop against the bare compiled call, in o
 slower, README: speed)
 
 For every setting (steps per call k = 1, 8, 32; the host input pipeline or the split on the
-devices, config.data.on_device), bare calls and `trainer.train_phase` alternated --rounds
+devices, config.data.on_device), bare calls and `phase_loop.train_phase` alternated --rounds
 times, so that the machine's drift falls on both alike, the median round taken:
 1. The loop's host time per step, with a step that does almost nothing (one Dense layer on
    the channel means of 8x8 images, batch 8), in microseconds: what a fast accelerator sees
@@ -21,7 +21,7 @@ times, so that the machine's drift falls on both alike, the median round taken:
    the device's threads on a CPU). Goal: < 50 us with the data on the devices and k >= 8.
 2. ResNet-8 at batch 128 on 32x32 images, a phase of --steps logging 8 times: the bare
    compiled call (inputs already on the devices, the host waiting for it at the same steps
-   as the loop) against `trainer.train_phase` (the input pipeline with the paper's
+   as the loop) against `phase_loop.train_phase` (the input pipeline with the paper's
    augmentation, the compiled call, metrics fetched at each log step, progress lines,
    TensorBoard), each timed from its first log step to its last (the steady state of a long
    phase), `ratio` bare / loop; `phase_ratio` over the whole phase, its setup and final
@@ -31,7 +31,6 @@ The bare call and the loop run the same compiled program (steps.make_train_step'
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -44,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsp_jax import config as config_lib
-from fsp_jax import data, device_data, logs, methods, models, sources, steps, trainer
+from fsp_jax import data, device_data, logs, methods, models, phase_loop, sources, steps
+from fsp_jax import plan as plan_lib
 from fsp_jax.adapters import Student
-from fsp_jax.layout import Layout
+from fsp_jax.feed import DeviceFeed, HostFeed
 
 SETTINGS = [(k, on_device) for on_device in (False, True) for k in (1, 8, 32)]
 
@@ -75,20 +75,23 @@ class _LogTimes(logs.Writer):
     super().scalars(step, values)
 
 
-def _context(image_size: int, batch_size: int, steps_count: int, log_every: int,
-             checkpoint_every: int, k: int, on_device: bool, workdir: str):
-  config = config_lib.default()
-  config.update(batch_size=batch_size, log_every=log_every, checkpoint_every=checkpoint_every,
-                eval_every=0, keep_checkpoints=2, steps_per_call=k)
-  config.data.image_size, config.data.on_device = image_size, on_device
-  config.scratch = config_lib.schedule((0.1,), (steps_count,))
+def _setup(image_size: int, batch_size: int, steps_count: int, log_every: int,
+           checkpoint_every: int, k: int, on_device: bool):
+  """The loop's settings, the feed of 4,096 random images, and a plain phase of steps_count
+  steps."""
+  loop = plan_lib.Loop(batch_size=batch_size, eval_batch_size=512, seed=0, weight_decay=1e-4,
+                       momentum=0.9, log_every=log_every, eval_every=0,
+                       checkpoint_every=checkpoint_every, keep_checkpoints=2, steps_per_call=k,
+                       image_size=image_size)
   rng = np.random.default_rng(0)
   source = sources.ArraySource(rng.integers(0, 256, (4096, image_size, image_size, 3), np.uint8),
                                rng.integers(0, 10, 4096), 10)
   preprocess = data.Preprocess(image_size, 'cifar')
-  placed = device_data.place(*device_data.stored_images(source, preprocess)) if on_device \
-      else None
-  return trainer.Context(config, Layout(workdir), source, source, preprocess, placed=placed)
+  feed = DeviceFeed.place(device_data.stored_images(source, preprocess), preprocess) if (
+      on_device) else HostFeed(source, preprocess)
+  config = config_lib.default()
+  config.scratch = config_lib.schedule((0.1,), (steps_count,))
+  return loop, feed, methods.get('scratch').phases(config)[0]
 
 
 def _seconds(times: list[float]) -> float | None:
@@ -104,26 +107,24 @@ def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int
   steps, the main thread's CPU seconds, and the seconds from the first log step to the last
   (the steady state: without the phase's setup and final checkpoint)."""
   with tempfile.TemporaryDirectory() as workdir:
-    ctx = _context(image_size, batch_size, steps_count, log_every, checkpoint_every, k,
-                   on_device, workdir)
-    run = trainer.Run(methods.get('scratch'), 1, 'bench', Student(backbone))
-    phase = run.method.phases(ctx.config)[0]
-    tx = trainer.phase_optimizer(ctx.config, phase)
-    variables = steps.init_variables(run.student, jax.random.key(0), image_size)
-    call = steps.make_train_step(run.student, None, phase, tx,
-                                 ctx.preprocess if on_device else None, k)
-    inputs = next(trainer.call_inputs(ctx, run, phase, 0))
+    loop, feed, phase = _setup(image_size, batch_size, steps_count, log_every,
+                               checkpoint_every, k, on_device)
+    student = Student(backbone)
+    tx = phase_loop.phase_optimizer(phase, loop.weight_decay, loop.momentum)
+    variables = steps.init_variables(student, jax.random.key(0), image_size)
+    call = steps.make_train_step(student, None, phase, tx, feed, k)
+    inputs = next(feed.calls(loop.batch_size, loop.seed, 0, phase.steps, k, phase.augment))
     replicated = steps.replicate(steps.fresh_state(variables, tx))
     for _ in range(3):  # Compiles, warms up.
-      replicated, metrics = call(replicated, inputs, None, ctx.placed)
+      replicated, metrics = call(replicated, inputs, None, feed.resident)
     jax.block_until_ready(metrics)
     found = {name: [] for name in ('bare_s', 'loop_s', 'bare_thread_s', 'loop_thread_s',
                                    'bare_steady_s', 'loop_steady_s')}
-    log_due = trainer.Every(log_every, steps_count)  # The loop's log steps.
+    log_due = phase_loop.Every(log_every, steps_count)  # The loop's log steps.
     for r in range(rounds):
       start, thread, times = time.perf_counter(), time.thread_time(), []
       for first in range(0, steps_count, k):
-        replicated, metrics = call(replicated, inputs, None, ctx.placed)
+        replicated, metrics = call(replicated, inputs, None, feed.resident)
         if log_due(first + k):
           jax.block_until_ready(metrics)
           times.append(time.perf_counter())
@@ -131,10 +132,12 @@ def measure(backbone, image_size: int, batch_size: int, steps_count: int, k: int
       found['bare_s'].append(time.perf_counter() - start)
       found['bare_thread_s'].append(time.thread_time() - thread)
       found['bare_steady_s'].append(_seconds(times))
-      round_ctx = dataclasses.replace(ctx, layout=Layout(os.path.join(workdir, str(r))))
-      writer = _LogTimes(run.files(round_ctx.layout).tensorboard)
+      writer = _LogTimes(os.path.join(workdir, str(r), 'tensorboard'))
+      run = phase_loop.PhaseRun(loop, feed, student, None, None, None, writer, loop.seed)
       start, thread = time.perf_counter(), time.thread_time()
-      trainer.train_phase(round_ctx, run, phase, variables, trainer.History(), 0, writer)
+      phase_loop.train_phase(run, phase, phase_loop.Where('bench train', 'train', 0),
+                             os.path.join(workdir, str(r), 'train'), variables,
+                             phase_loop.History())
       found['loop_s'].append(time.perf_counter() - start)
       found['loop_thread_s'].append(time.thread_time() - thread)
       found['loop_steady_s'].append(_seconds(writer.times))

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from fsp_jax import config as config_lib
 from fsp_jax import experiment, hosts, preemption
 from fsp_jax import workdir as workdir_lib
+from fsp_jax.errors import first_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
@@ -134,7 +135,7 @@ def _join_hosts():
     jax.distributed.initialize(address, count, index, initialization_timeout=timeout + 60,
                                heartbeat_timeout_seconds=FLAGS.host_timeout_s + 60)
   except Exception as e:  # pylint: disable=broad-except  (JAX raises several kinds here)
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    first = first_line(e, 300)
     _fail(f'could not join {where}: {first}.')
   finally:
     watchdog.cancel()

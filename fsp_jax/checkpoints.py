@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fsp_jax import logs
+from fsp_jax import layout, logs
+from fsp_jax.errors import first_line
 
 
 # Seconds a failed save waits, its stderr in the debug log, for the writes it left in flight.
@@ -68,7 +69,7 @@ def writing(path: str, intact: str):
     with _quiet():
       yield
   except (OSError, ValueError) as e:  # Orbax reports an OSError as a ValueError.
-    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    cause = first_line(e)
     raise WriteError(f'{path} could not be written: {cause}; {intact}. Free space (or fix the '
                      'folder) and run the same command again.') from e
 
@@ -79,6 +80,13 @@ class PhaseCheckpoints:
   def __init__(self, directory: str, keep: int, where: str):
     self.directory, self.keep, self.where = os.path.abspath(directory), keep, where
     self.manager = self._open()
+    self.step = 0  # The last good checkpoint's step: restored or saved (0: none).
+
+  @property
+  def last_good(self) -> str:
+    """Where a rerun would resume this phase from, in words."""
+    return (f'the last good checkpoint is step {self.step} in {self.directory}' if self.step
+            else 'no checkpoint of this phase was saved yet')
 
   def _open(self) -> ocp.CheckpointManager:
     # Synchronous saves: a run killed at any moment loses at most checkpoint_every steps.
@@ -95,12 +103,13 @@ class PhaseCheckpoints:
           restored = self.manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(state), history=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore, OS errors)
-        cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+        cause = first_line(e, 200, '')
         self._move_aside(step)
         logs.say(f'[{self.where}] checkpoint {step} is unreadable and was moved to '
                  f'{step}.corrupt ({type(e).__name__}: {cause}); using the previous one.')
         continue
       logs.say(f'[{self.where}] resumed from step {step}')
+      self.step = step
       return restored['state'], restored['history'], step
     logs.say(f'[{self.where}] no checkpoint yet: starting from step 0')
     return state, history, 0
@@ -129,10 +138,11 @@ class PhaseCheckpoints:
       committed = os.path.join(self.directory, str(step))  # Renamed from a temporary folder.
       if not saved or not os.path.isdir(committed):
         raise RuntimeError(f'{committed} is not there after the save')
+      self.step = step
     except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore, OS errors)
       with _quiet():  # Orbax closes its event loop at the first failed write; TensorStore's
         time.sleep(_SETTLE_S)  # other writes in flight then fail into it (see _quiet).
-      cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      cause = first_line(e)
       intact = (f'checkpoint {max(before)} there is intact' if before else
                 'no checkpoint of this phase was saved before')
       raise WriteError(f'[{self.where}] checkpoint {step} could not be written to '
@@ -143,19 +153,11 @@ class PhaseCheckpoints:
     self.manager.close()
 
 
-def _flat(tree, prefix: str = '') -> dict:
-  """{'params/head/kernel': leaf, ...} of a nested dict."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  return {k: v for key, value in tree.items() for k, v in _flat(value, f'{prefix}/{key}'
-                                                                  if prefix else key).items()}
-
-
 def _mismatch(found: dict, expected: dict) -> str | None:
   """What first differs between a checkpoint's tree and the model's, or None: a parameter
   one has and the other lacks (another depth), then a shape (another width, or classes), then
   a dtype."""
-  found, expected = _flat(found), _flat(expected)
+  found, expected = layout.flat(found, '/'), layout.flat(expected, '/')
   order = lambda key: (not key.startswith('params/'), key)  # Parameters first, by name.
   missing = sorted(set(expected) - set(found), key=order)
   unexpected = sorted(set(found) - set(expected), key=order)
@@ -203,7 +205,7 @@ def load_variables(path: str, model, image_size: int) -> dict:
           lambda leaf: np.empty(leaf.shape, leaf.dtype), saved))
   except Exception as e:  # Orbax raises several kinds for missing or broken files.
     raise ValueError(f'{path} cannot be read as an Orbax checkpoint: {type(e).__name__}: '
-                     f'{str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}') from e
+                     f'{first_line(e, 300, "")}') from e
   mismatch = _mismatch({kind: restored.get(kind, {}) for kind in target}, target)
   if mismatch:
     raise ValueError(f'{path} does not hold {described}: {mismatch}.')

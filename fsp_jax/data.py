@@ -156,21 +156,23 @@ def train_indices(num_examples: int, global_batch: int, seed: int, step: int) ->
 @dataclasses.dataclass(frozen=True)
 class _TrainBatch:
   """Step -> the host's part of its global batch: {'image', 'label', 'index'}, the examples at
-  positions first .. first + n - 1, augmented with their rows of the step's draws."""
+  positions first .. first + n - 1, augmented with their rows of the step's draws (where
+  `augment`; else as in evaluation)."""
   source: Any
   preprocess: Preprocess
   global_batch: int
   seed: int
   first: int  # The host's first position in every global batch.
   per_host: int
+  augment: bool
 
   def __call__(self, step: int) -> dict:
     part = slice(self.first, self.first + self.per_host)
     indices = train_indices(len(self.source), self.global_batch, self.seed, step)[part]
     images, labels = zip(*(self.source[i] for i in indices))
     draws = augmentation_draws(self.seed, step, self.global_batch)[part]
-    return {'image': self.preprocess(images, draws), 'label': np.asarray(labels, np.int32),
-            'index': indices}
+    return {'image': self.preprocess(images, draws if self.augment else None),
+            'label': np.asarray(labels, np.int32), 'index': indices}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,17 +243,18 @@ def _host_part(global_batch: int, process_index: int | None, process_count: int 
 def train_batches(source, preprocess: Preprocess, global_batch: int, seed: int,
                   start_step: int = 0, process_index: int | None = None,
                   process_count: int | None = None, num_steps: int = 2**40,
-                  workers: int = 0) -> Iterator[dict]:
+                  workers: int = 0, augment: bool = True) -> Iterator[dict]:
   """Host-local training batches of steps start_step .. num_steps - 1 (endless by default).
 
   Yields {'image': [global_batch / hosts, S, S, 3] float32, 'label': [...] int32, 'index':
   [...] the examples' positions in source}. The global batch of step s is the same whatever
   start_step, workers and the number of hosts: each example's augmentation is its position's
-  row of the step's draws.
+  row of the step's draws (augment False: the images as evaluation takes them).
   """
   part = _host_part(global_batch, process_index, process_count)
   train_indices(len(source), global_batch, seed, start_step)  # Bad sizes fail here, not later.
-  batch = _TrainBatch(source, preprocess, global_batch, seed, part.start, part.stop - part.start)
+  batch = _TrainBatch(source, preprocess, global_batch, seed, part.start, part.stop - part.start,
+                      augment)
   return _read(grain.MapDataset.range(start_step, num_steps).map(batch), workers)
 
 

@@ -1,4 +1,4 @@
-"""An experiment: a teacher (trained here or loaded), then every method's nets, then a table.
+"""An experiment: a teacher (trained here or loaded), then every row's nets, then a table.
 
 Everything is checked (config, data, the pairing of every student with the teacher, the
 teacher's checkpoint) before the workdir is bound or anything compiled. Finished runs and
@@ -16,63 +16,34 @@ import jax
 import ml_collections
 import numpy as np
 
-from fsp_jax import checkpoints
-from fsp_jax import config as config_lib
-from fsp_jax import data, device_data, evaluation, logs, methods, models, preemption, results
-from fsp_jax import sources, steps, trainer
+from fsp_jax import checkpoints, data, device_data, evaluation, logs, methods, preemption
+from fsp_jax import results, sources, steps, trainer
+from fsp_jax import layout as layout_lib
+from fsp_jax import plan as plan_lib
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.adapters import Student
-from fsp_jax.errors import ConfigError, PairingError, fail
+from fsp_jax.errors import ConfigError
+from fsp_jax.feed import DeviceFeed, HostFeed
 from fsp_jax.layout import Layout
-
-
-def build_model(model_config: ml_collections.ConfigDict, num_classes: int, dtype: str):
-  return models.get(model_config.model, num_classes, model_config.width, axis_name='batch',
-                    dtype=np.dtype(dtype))
-
-
-def build_student(method: methods.Method, config: ml_collections.ConfigDict, num_classes: int,
-                  teacher: Student) -> Student:
-  """The network a method trains, with what it adds to the student (FitNet's regressor,
-  channel adapters). Raises ValueError, before anything is compiled, when it cannot be paired
-  with the teacher."""
-  if method.network == 'teacher':
-    return Student(build_model(config.teacher, num_classes, config.dtype))
-  backbone = build_model(config.student, num_classes, config.dtype)
-  if not method.uses_teacher(config):
-    return Student(backbone)
-  size = config.data.image_size
-  mine = methods.features_of(Student(backbone), size)
-  theirs = methods.features_of(teacher, size)
-  try:
-    return method.student(config, backbone, mine, theirs)
-  except ConfigError:
-    raise
-  except ValueError as e:
-    raise PairingError(f'config.student.model={config.student.model!r} (width '
-                       f'{config.student.width}) cannot be paired with config.teacher.model='
-                       f'{config.teacher.model!r} (width {config.teacher.width}) for method '
-                       f'{method.name!r}: {e}') from e
-
 
 # The share of one device's memory that an evaluation batch's computation may take: the
 # training split may hold a quarter (device_data.MAX_SHARE), the train state and XLA the rest.
 EVAL_SHARE = 0.5
 
 
-def check_eval_batch(config: ml_collections.ConfigDict, networks: dict[str, Student],
+def check_eval_batch(eval_batch_size: int, image_size: int, networks: dict[str, Student],
                      examples: int) -> None:
-  """Raises ValueError where evaluating one of the networks ({name: network}) on one device's
-  part of an evaluation batch over a split of `examples` would take more than EVAL_SHARE of a
-  device's memory (of the host's, for every local CPU device together)."""
+  """Raises ConfigError where evaluating one of the networks ({name: network}) on one
+  device's part of an evaluation batch over a split of `examples` would take more than
+  EVAL_SHARE of a device's memory (of the host's, for every local CPU device together)."""
   devices = jax.device_count()
-  per_device = -(-min(config.eval_batch_size, -(-examples // devices) * devices) // devices)
+  per_device = -(-min(eval_batch_size, -(-examples // devices) * devices) // devices)
   copies, memory = device_data.copies_in_memory(), device_data.device_memory()
   for name, network in networks.items():
-    need = steps.eval_bytes(network, config.data.image_size, per_device)
+    need = steps.eval_bytes(network, image_size, per_device)
     if need and need * copies > EVAL_SHARE * memory:
       fits = max(1, int(per_device * EVAL_SHARE * memory / (need * copies))) * devices
-      raise ConfigError('eval_batch_size', f'config.eval_batch_size={config.eval_batch_size}: '
+      raise ConfigError('eval_batch_size', f'config.eval_batch_size={eval_batch_size}: '
                         f'evaluating the {name} on {per_device:,} images per device takes '
                         f'{need / 2**30:.2f} GiB (XLA\'s figure)'
                         f'{f" on each of {copies} devices" if copies > 1 else ""}, more than '
@@ -108,13 +79,26 @@ def _cache_key(variables, train_data: dict, preprocess: data.Preprocess, dtype: 
   return digest.hexdigest()
 
 
-def _saved_teacher_fsp(ctx: trainer.Context, teacher: Student, variables,
+def _loaded_teacher(teacher: plan_lib.Teacher, image_size: int) -> dict | None:
+  """The teacher's variables from config.teacher.checkpoint where a row needs them; None
+  where the teacher is trained here or not needed."""
+  if not (teacher.needed and teacher.checkpoint):
+    return None
+  try:
+    return load_teacher(teacher.checkpoint, teacher.network, image_size)
+  except ValueError as e:
+    raise ConfigError('teacher.checkpoint', f'config.teacher.checkpoint: {e} '
+                      'config.teacher.model, .width and .num_classes (0: the data set\'s '
+                      'classes) describe the teacher.') from None
+
+
+def _saved_teacher_fsp(ctx: trainer.Context, plan: plan_lib.Plan, variables,
                        train_data: dict) -> tuple:
   """teacher_fsp_cache, read from the workdir where a run computed it from the same teacher,
   training images and dtype; otherwise computed, then saved there by process 0 so that a
   resumed run does not compute it again."""
   path, key, start = ctx.layout.teacher_fsp, _cache_key(
-      variables, train_data, ctx.preprocess, ctx.config.dtype), time.time()
+      variables, train_data, ctx.preprocess, plan.dtype), time.time()
   if os.path.exists(path):
     try:
       with np.load(path) as saved:
@@ -126,51 +110,79 @@ def _saved_teacher_fsp(ctx: trainer.Context, teacher: Student, variables,
                'computing them anew.')
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
       logs.say(f'{path} cannot be read ({e}): computing the matrices anew.')
-  cache = teacher_fsp_cache(teacher, variables, ctx.train_source, ctx.preprocess,
-                            ctx.config.eval_batch_size)
+  cache = teacher_fsp_cache(plan.teacher.network, variables, ctx.train_source, ctx.preprocess,
+                            ctx.loop.eval_batch_size)
   logs.say(f"Cached the teacher's FSP matrices of {len(ctx.train_source)} training images in "
            f'{logs.duration(time.time() - start)} ({sum(g.nbytes for g in cache) / 2**20:.0f} '
            f'MiB, saved in {path}).')
   if jax.process_index() == 0:
     with checkpoints.writing(path, 'nothing else was changed'):
-      with open(path + '.tmp', 'wb') as f:
+      with layout_lib.whole(path, 'wb') as f:
         np.savez(f, key=key, **{f'stage{i}': g for i, g in enumerate(cache)})
-      os.replace(path + '.tmp', path)
   return cache
 
 
-def _row(ctx: trainer.Context, method: methods.Method, finished: list[dict]) -> list[dict]:
+def _row(ctx: trainer.Context, row: plan_lib.Row, finished: list[dict]) -> list[dict]:
   """[The table row of finished nets] on process 0, which wrote their files; [] elsewhere."""
   if jax.process_index() != 0:
     return []
-  return [results.row_of(ctx.layout, finished, method.settings(ctx.config),
-                         len(ctx.eval_source))]
+  return [results.row_of(ctx.layout, finished, row.settings, len(ctx.eval_source))]
 
 
-def _teacher_row(ctx: trainer.Context, teacher: Student, variables) -> dict:
+def _teacher_row(ctx: trainer.Context, teacher: plan_lib.Teacher, variables) -> dict:
   """The row of a teacher loaded from its checkpoint: its test accuracy (process 0 saves its
   test probabilities and the labels, so that the accuracy can be recomputed)."""
-  metrics, probs, labels = evaluation.evaluate(teacher, variables, ctx.eval_source,
-                                               ctx.preprocess, ctx.config.eval_batch_size,
-                                               interruptible="the teacher's test accuracy",
-                                               placed=ctx.placed_test)
+  metrics, probs, labels = ctx.evaluate(teacher.network, variables,
+                                        interruptible="the teacher's test accuracy")
   if jax.process_index() == 0:
     for path, array in ((ctx.layout.teacher_test_probs, probs.astype(np.float32)),
                         (ctx.layout.test_labels, labels)):
       np.save(path, array)
-  return {'method': methods.TEACHER.name, 'model': ctx.config.teacher.model,
+  return {'method': methods.TEACHER.name, 'model': teacher.model,
           'nets': [metrics['accuracy']], 'avg': metrics['accuracy'], 'ensemble': None,
           'iterations': 0, 'wall_s': 0.0}
 
 
-def _train_teachers(ctx: trainer.Context, teacher: Student) -> tuple[dict, list[dict]]:
-  """Trains config.teacher.num_nets teachers; returns the first one's variables (replicated)
-  and their row."""
-  config = ctx.config
-  runs = [trainer.Run(methods.TEACHER, k, config.teacher.model, teacher)
-          for k in range(1, config.teacher.num_nets + 1)]
-  rows = _row(ctx, methods.TEACHER, [trainer.train_net(ctx, run) for run in runs])
-  return load_teacher(runs[0].files(ctx.layout).model, teacher, config.data.image_size), rows
+def _teacher(ctx: trainer.Context, teacher: plan_lib.Teacher, loaded) -> tuple[dict, list]:
+  """The teacher's variables (replicated; None where no row needs it) and its rows: trained
+  here (teacher.num_nets nets; the first one is the teacher), or loaded and tested on the
+  data set where it has the data set's classes."""
+  if not teacher.needed:
+    return None, []
+  if loaded is None:
+    runs = [trainer.Run(teacher.row, k) for k in range(1, teacher.num_nets + 1)]
+    rows = _row(ctx, teacher.row, [trainer.train_net(ctx, run) for run in runs])
+    return load_teacher(runs[0].files(ctx.layout).model, teacher.network,
+                        ctx.loop.image_size), rows
+  return loaded, [] if teacher.num_classes else [_teacher_row(ctx, teacher, loaded)]
+
+
+def _context(plan: plan_lib.Plan, layout: Layout, stored) -> trainer.Context:
+  """What every run shares; with data.on_device, the splits placed on the devices."""
+  feed = DeviceFeed.place(stored, plan.preprocess) if plan.on_device else HostFeed(
+      plan.train, plan.preprocess, plan.workers)
+  placed_test = device_data.place(*device_data.centre_crops(
+      plan.test, plan.preprocess)) if plan.on_device else None
+  return trainer.Context(plan.loop, layout, plan.train, plan.test, plan.preprocess, feed,
+                         placed_test)
+
+
+def _runs(plan: plan_lib.Plan, row: plan_lib.Row, teacher_variables) -> list[trainer.Run]:
+  teacher = (plan.teacher.network, teacher_variables) if row.uses_teacher else (None, None)
+  return [trainer.Run(row, k, *teacher) for k in range(1, plan.num_nets + 1)]
+
+
+def _bind(plan: plan_lib.Plan, workdir: str, allow_config_change: bool) -> dict:
+  """Binds the workdir to the plan's config and data; returns the splits' fingerprints."""
+  workdir_lib.bind_config(workdir, plan.config_json, allow_config_change)
+  fingerprints = {'train': sources.fingerprint(plan.train),
+                  'test': sources.fingerprint(plan.test)}
+  workdir_lib.bind_data(workdir, fingerprints, allow_config_change)
+  if plan.loop.steps_per_call > 1 and jax.default_backend() == 'cpu':
+    logs.say(f'Note: config.steps_per_call={plan.loop.steps_per_call} runs the steps of a call '
+             'in a loop, whose convolution gradients XLA:CPU runs about 20x slower '
+             '(jax-ml/jax#12868); it is meant for GPUs and TPUs.')
+  return fingerprints
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -182,77 +194,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Every input (the config, the data, each student's pairing with the teacher, the teacher's
   checkpoint) is checked before the workdir is bound to the config or anything compiled.
   """
-  config_lib.validate(config)
-  chosen = [methods.get(name) for name in config_lib.method_list(config)]
-  train_source = sources.get_source(config.data, config.data.train_split)
-  eval_source = sources.get_source(config.data, config.data.eval_split)
-  config_lib.validate_data(config, train_source, eval_source)
-  preprocess = data.get_preprocess(config.data)
-  for split, source in ((config.data.train_split, train_source),
-                        (config.data.eval_split, eval_source)):
-    logs.say(f'Data, {split} split: {sources.describe(source)}.')
-  logs.say(f'Images: {preprocess.describe()}.')
-  config, chosen_line = config_lib.platform_defaults(config, train_source, preprocess)
-  if chosen_line:
-    logs.say(chosen_line)
-  num_classes = train_source.num_classes
-  teacher = Student(build_model(config.teacher, config.teacher.num_classes or num_classes,
-                                config.dtype))
-  students = {m.name: build_student(m, config, num_classes, teacher) for m in chosen}
-  needs_teacher = not chosen or any(m.uses_teacher(config) for m in chosen)
-  teacher_variables = None
-  if needs_teacher and config.teacher.checkpoint:
-    try:
-      teacher_variables = load_teacher(config.teacher.checkpoint, teacher,
-                                       config.data.image_size)
-    except ValueError as e:
-      raise ConfigError('teacher.checkpoint', f'config.teacher.checkpoint: {e} '
-                        'config.teacher.model, .width and .num_classes (0: the data set\'s '
-                        'classes) describe the teacher.') from None
-  if config.data.on_device:
-    device_data.check_fits(train_source, preprocess, eval_source)
+  plan = plan_lib.resolve(config)
+  loaded = _loaded_teacher(plan.teacher, plan.loop.image_size)
+  if plan.on_device:
+    device_data.check_fits(plan.train, plan.preprocess, plan.test)
   layout = Layout(workdir)
   workdir_lib.create(workdir)
   # The last check, as it compiles: every network evaluated, on one device's part of a batch.
-  evaluated = {f'teacher ({config.teacher.model})': teacher} if needs_teacher or any(
-      m.network == 'teacher' for m in chosen) else {}
-  if any(m.network != 'teacher' for m in chosen):
-    evaluated[f'student ({config.student.model})'] = Student(
-        build_model(config.student, num_classes, config.dtype))
-  cached = any(phase.cached_fsp for m in chosen for phase in m.phases(config))
-  check_eval_batch(config, evaluated, max(len(eval_source), len(train_source) if cached else 0))
-  stored = device_data.stored_images(train_source, preprocess) if config.data.on_device else None
+  check_eval_batch(plan.loop.eval_batch_size, plan.loop.image_size, plan.evaluated,
+                   max(len(plan.test), len(plan.train) if plan.cached_fsp else 0))
+  stored = device_data.stored_images(plan.train, plan.preprocess) if plan.on_device else None
   with workdir_lib.lock(workdir):
-    workdir_lib.bind_config(workdir, config, allow_config_change)
-    fingerprints = {'train': sources.fingerprint(train_source),
-                    'test': sources.fingerprint(eval_source)}
-    workdir_lib.bind_data(workdir, fingerprints, allow_config_change)
+    fingerprints = _bind(plan, workdir, allow_config_change)
     preemption.install_handler()
-    if config.steps_per_call > 1 and jax.default_backend() == 'cpu':
-      logs.say(f'Note: config.steps_per_call={config.steps_per_call} runs the steps of a call in '
-               'a loop, whose convolution gradients XLA:CPU runs about 20x slower '
-               '(jax-ml/jax#12868); it is meant for GPUs and TPUs.')
-    ctx = trainer.Context(config, layout, train_source, eval_source, preprocess,
-                          placed_test=device_data.place(*device_data.centre_crops(
-                              eval_source, preprocess)) if config.data.on_device else None)
-    rows = []
-    if needs_teacher and teacher_variables is None:
-      teacher_variables, rows = _train_teachers(ctx, teacher)
-    elif needs_teacher and not config.teacher.num_classes:  # Other classes: no accuracy here.
-      rows = [_teacher_row(ctx, teacher, teacher_variables)]
-    if cached:
-      ctx = dataclasses.replace(ctx, teacher_fsp=_saved_teacher_fsp(
-          ctx, teacher, teacher_variables, fingerprints['train']))
-    if stored is not None:
-      ctx = dataclasses.replace(ctx, placed=device_data.place(*stored, ctx.teacher_fsp))
-    for method in chosen:
-      uses_teacher = method.uses_teacher(config)
-      runs = [trainer.Run(method, k, (config.teacher if method.network == 'teacher'
-                                      else config.student).model, students[method.name],
-                          teacher if uses_teacher else None,
-                          teacher_variables if uses_teacher else None)
-              for k in range(1, config.num_nets + 1)]
-      rows += _row(ctx, method, [trainer.train_net(ctx, run) for run in runs])
+    ctx = _context(plan, layout, stored)
+    teacher_variables, rows = _teacher(ctx, plan.teacher, loaded)
+    if plan.cached_fsp:
+      ctx = dataclasses.replace(ctx, feed=ctx.feed.with_teacher_fsp(_saved_teacher_fsp(
+          ctx, plan, teacher_variables, fingerprints['train'])))
+    for row in plan.rows:
+      runs = _runs(plan, row, teacher_variables)
+      rows += _row(ctx, row, [trainer.train_net(ctx, run) for run in runs])
     if jax.process_index() != 0:
       return []
     table = results.write(layout, rows)

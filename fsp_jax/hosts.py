@@ -13,6 +13,8 @@ from typing import Callable
 import jax
 from jax._src import distributed  # The coordination service's client: JAX has no public one.
 
+from fsp_jax.errors import first_line
+
 _PREFIX = 'fsp_jax/heartbeat/'
 _DONE = 'done'  # A process that ended normally is not waited for.
 
@@ -62,7 +64,7 @@ def watch(timeout_s: float, on_lost: Callable[[str], None]) -> Callable[[], None
           return
     except Exception as e:  # pylint: disable=broad-except  (the coordinator's RPC errors)
       if not ended.is_set():
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e, 200)
         on_lost(f'the coordinator (process 0) cannot be reached: {first}')
 
   def end():

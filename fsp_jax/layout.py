@@ -16,6 +16,7 @@ Nets are numbered from 1 everywhere: in folders, result.json, tables and logs; n
 seed config.seed + k - 1.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -51,7 +52,7 @@ class NetFiles:
 
   @property
   def settings(self) -> str:
-    """The settings its checkpoints were made with (`methods.Method.settings`)."""
+    """The settings its checkpoints were made with (`plan.settings`)."""
     return os.path.join(self.root, 'settings.json')
 
   def replaced(self, stamp: str) -> str:
@@ -119,6 +120,17 @@ class Layout:
     return [self.net(method, k) for k in numbers if os.path.exists(self.net(method, k).result)]
 
 
+def flat(tree: dict, sep: str = '.') -> dict:
+  """{'a.b.c': leaf, ...} of nested dicts, their keys joined by sep."""
+  found = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      found.update({f'{key}{sep}{k}': v for k, v in flat(value, sep).items()})
+    else:
+      found[key] = value
+  return found
+
+
 def read_json(path: str, what: str):
   """A JSON file the project wrote, or a ValueError naming it, what it is and what to do."""
   try:
@@ -136,3 +148,18 @@ def read_npy(path: str, what: str) -> np.ndarray:
   except (OSError, ValueError, EOFError) as e:
     raise ValueError(f'{path} ({what}) cannot be read: {e}. Delete it and run the same command '
                      'again to make it anew.') from None
+
+
+@contextlib.contextmanager
+def whole(path: str, mode: str = 'w'):
+  """A file to write path through: path.tmp, renamed over path once written, so that a kill
+  never leaves half a file."""
+  with open(path + '.tmp', mode) as f:
+    yield f
+  os.replace(path + '.tmp', path)
+
+
+def write_json(path: str, value, indent: int | None = None) -> None:
+  """Writes value to path as JSON, whole (`whole`)."""
+  with whole(path) as f:
+    json.dump(value, f, indent=indent)

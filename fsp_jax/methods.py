@@ -8,71 +8,16 @@ Adding a method is one record here, and its loss in `losses.py` and `terms.TERMS
 """
 
 import dataclasses
-import json
 import math
 from typing import Any, Callable
 
-import flax.linen as nn
-import jax
 import ml_collections
-import numpy as np
 
-from fsp_jax import adapters, fsp, losses, schedules
+from fsp_jax import losses, pairing, schedules
 from fsp_jax.adapters import Student
-from fsp_jax.errors import fail
+from fsp_jax.errors import fail, is_integer, is_number
 from fsp_jax.schedules import Schedule, schedule
-from fsp_jax.terms import Phase, Term, stage_outputs
-
-
-# Settings that change how a run goes (how it reports, saves and reads, and how fast: the
-# device path and steps_per_call compute the host pipeline's batches, to float rounding), not
-# what it computes: the workdir's config check and each net's settings both leave them out, so
-# that a run can resume with other values of them (on another machine, say).
-NEUTRAL_KEYS = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-                'eval_batch_size', 'data.workers', 'data.on_device', 'steps_per_call')
-
-
-def _plain(config, backbone, mine, theirs) -> Student:
-  del config, mine, theirs
-  return Student(backbone)
-
-
-def _fsp_student(config, backbone, mine, theirs) -> Student:
-  """Channel adapters where widths differ (config.student.adapter); checks the pairing."""
-  adapter = ()
-  if config.student.adapter:
-    adapter = tuple(sorted(adapters.mismatched_widths(mine, theirs).items()))
-  student = Student(backbone, adapter=adapter)
-  if adapter:
-    mine = features_of(student, next(iter(theirs.values())).shape[1])
-  matrices = [jax.eval_shape(fsp.fsp_matrices, f) for f in (mine, theirs)]
-  weights = config.fsp.stage_weights
-  if weights is not None and len(weights) != len(matrices[1]):
-    fail('fsp.stage_weights', f'expected {len(matrices[1])} weights, one per FSP '
-         f'matrix of these networks, got {weights}.')
-  jax.eval_shape(losses.fsp_l2, *matrices)
-  return student
-
-
-def _fitnet_student(config, backbone, mine, theirs) -> Student:
-  hint = config.fitnet.hint
-  if hint not in mine or hint not in theirs:
-    fail('fitnet.hint', f'{hint!r} is not a feature of both networks; expected '
-         f'one of {sorted(set(mine) & set(theirs))}.')
-  return Student(backbone, hint=(hint, theirs[hint].shape[-1]))
-
-
-def _at_student(config, backbone, mine, theirs) -> Student:
-  del config
-  jax.eval_shape(losses.attention_transfer, stage_outputs(mine), stage_outputs(theirs))
-  return Student(backbone)
-
-
-def features_of(model: nn.Module, image_size: int) -> dict:
-  """Shapes of a model's features on [2, S, S, 3]: traced, never compiled."""
-  x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), np.float32)
-  return jax.eval_shape(
-      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0][1], x)
+from fsp_jax.terms import Phase, Term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +44,7 @@ class Method:
   network: str = 'student'
   starts_from_teacher: bool = False
   random_teacher: bool = False
-  student: Callable[..., Student] = _plain
+  student: Callable[..., Student] = pairing.plain
   section: str | None = None
   defaults: Callable[[], Any] | None = None
   check: Callable[[ml_collections.ConfigDict], None] | None = None
@@ -115,28 +60,6 @@ class Method:
   def compares_fsp(self, config) -> bool:
     """Whether a phase compares FSP matrices (stage sizes must then halve evenly)."""
     return any(phase.compares_fsp for phase in self.phases(config))
-
-  def settings(self, config) -> dict:
-    """Everything that decides how its nets train, as JSON: a net's checkpoints belong to
-    these settings (and are not resumed under others)."""
-    network = dict(config[self.network].to_dict())
-    if self.network == 'teacher':
-      network.pop('num_nets')
-    shared = {key: config[key] for key in ('batch_size', 'weight_decay', 'momentum', 'dtype',
-                                           'seed')}
-    data = {k: v for k, v in config.data.to_dict().items() if f'data.{k}' not in NEUTRAL_KEYS}
-    teacher = {k: v for k, v in config.teacher.to_dict().items() if k != 'num_nets'} if (
-        self.uses_teacher(config)) else None
-    phases = [{'name': p.name, 'schedule': list(p.schedule), 'max_grad_norm': p.max_grad_norm,
-               'terms': [[t.name, list(t.weight), dict(t.options)] for t in p.terms]}
-              for p in self.phases(config)]
-    return json.loads(json.dumps({'method': self.name, 'network': network, 'data': data,
-                                  'teacher': teacher, 'phases': phases, **shared}))
-
-  def learns_fsp_first(self, config) -> bool:
-    """Whether its first stage learns the teacher's FSP matrices: the run then saves the
-    student's matrices before and after it, for the report."""
-    return self.phases(config)[0].compares_fsp
 
 
 def _train(sched, *terms, ce_weight: float = 1.0) -> tuple[Phase, ...]:
@@ -189,7 +112,7 @@ def _fitnet_phases(config) -> tuple[Phase, ...]:
 
 
 def _finite(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  return is_number(value) and math.isfinite(value)
 
 
 def _number(config, key: str, low: float, strict: bool) -> None:
@@ -209,7 +132,7 @@ def _check_fsp(config) -> None:
       not _finite(w) or w < 0 for w in c.stage_weights)):
     fail('fsp.stage_weights', f'expected a tuple of weights >= 0, one per FSP matrix, or None '
          f'(all equal), got {c.stage_weights!r}.')
-  if not isinstance(c.shuffle_seed, int) or isinstance(c.shuffle_seed, bool) or c.shuffle_seed < 0:
+  if not is_integer(c.shuffle_seed) or c.shuffle_seed < 0:
     fail('fsp.shuffle_seed', f'expected an integer >= 0, got {c.shuffle_seed!r}.')
   _number(config, 'fsp.task_weight', 0, strict=False)
   _number(config, 'fsp.max_grad_norm', 0, strict=False)
@@ -314,7 +237,7 @@ _KD = Method('kd', 'KD', 'tab:green', lambda c: _train(c.kd.schedule, Term(
 # Attention transfer (Zagoruyko & Komodakis, ICLR 2017): cross-entropy and the distance
 # between the normalised spatial attention maps of the stage outputs, in one stage.
 _AT = Method('at', 'Attention transfer', 'tab:olive', lambda c: _train(c.at.schedule, Term(
-    'at', (c.at.weight,) * 2)), student=_at_student, section='at', defaults=_at_defaults,
+    'at', (c.at.weight,) * 2)), student=pairing.at_student, section='at', defaults=_at_defaults,
              check=_check_at)
 _TEACHER_SCRATCH = Method('teacher_scratch', 'Teacher net, from scratch', 'tab:brown',
                           lambda c: _train(c.scratch), network='teacher')
@@ -325,16 +248,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # The control for FSP's extra iterations: the student alone, as long as FSP in all.
     matched(_SCRATCH, 'tab:cyan'),
     # Stage 1 on the teacher's FSP matrices, then the task.
-    Method('fsp', 'FSP', 'tab:blue', _fsp_phases, student=_fsp_student, section='fsp',
+    Method('fsp', 'FSP', 'tab:blue', _fsp_phases, student=pairing.fsp_student, section='fsp',
            defaults=_fsp_defaults, check=_check_fsp),
     # The paper's dagger ablation: the teacher's matrices with permuted rows and columns.
     Method('fsp_shuffled', 'FSP, shuffled (dagger)', 'tab:purple',
-           lambda c: _fsp_phases(c, shuffled=True), student=_fsp_student),
+           lambda c: _fsp_phases(c, shuffled=True), student=pairing.fsp_student),
     # FSP from the teacher's network untrained: does any target of the teacher's shape help?
     Method('fsp_random', 'FSP, random teacher', 'tab:pink',
-           lambda c: _fsp_phases(c, cache=False), student=_fsp_student, random_teacher=True),
+           lambda c: _fsp_phases(c, cache=False), student=pairing.fsp_student, random_teacher=True),
     # FitNet: a hint stage (a regressor maps the guided layer to the hint), then KD.
-    Method('fitnet', 'FitNet', 'tab:orange', _fitnet_phases, student=_fitnet_student,
+    Method('fitnet', 'FitNet', 'tab:orange', _fitnet_phases, student=pairing.fitnet_student,
            section='fitnet', defaults=_fitnet_defaults, check=_check_fitnet),
     _KD, matched(_KD, 'darkgreen'),
     _AT, matched(_AT, 'goldenrod'),

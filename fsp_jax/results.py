@@ -1,6 +1,5 @@
 """Results tables in the form of the paper's: a column per net, their average and ensemble."""
 
-import json
 import os
 
 import numpy as np
@@ -49,7 +48,7 @@ def table_row(finished: list[dict], probs: list[np.ndarray], labels: np.ndarray)
 def row_of(layout: Layout, finished: list[dict], settings: dict, num_test: int) -> dict:
   """The row of a method's finished nets, from the files they left in the workdir;
   'other_settings' where a net was trained with settings other than `settings` (the current
-  config's, `methods.Method.settings`). Raises ValueError naming a net tested on a split of
+  config's, `plan.settings`). Raises ValueError naming a net tested on a split of
   another size than the current one's `num_test` examples."""
   nets = [layout.net(r['method'], r['net']) for r in finished]
   probs = [layout_lib.read_npy(net.test_probs, f"{r['method']} net{r['net']}'s test "
@@ -151,11 +150,10 @@ def summary(rows: list[dict]) -> str:
 def write(layout: Layout, rows: list[dict]) -> str:
   """Writes the workdir's results.md and results.json; returns the Markdown table."""
   table = markdown_table(rows) + '\n\n' + summary(rows)
-  with open(layout.results_md, 'w') as f:
+  with layout_lib.whole(layout.results_md) as f:
     f.write('Test accuracy (%) of each net, their average and their ensemble (averaged softmax).'
             '\n\n' + table + '\n')
-  with open(layout.results_json, 'w') as f:
-    json.dump(rows, f, indent=1)
+  layout_lib.write_json(layout.results_json, rows, indent=1)
   return table
 
 

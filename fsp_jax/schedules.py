@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fsp_jax.errors import fail
+from fsp_jax.errors import fail, is_integer, is_number
 
 DECAYS = ('step', 'cosine')
 
@@ -62,20 +62,18 @@ def validate(key: str, sched) -> None:
   lrs, until = tuple(sched.lrs), tuple(sched.until)
   if not lrs or len(lrs) != len(until):
     fail(key, f'lrs {lrs} and until {until} must be non-empty and of equal length.')
-  if any(not isinstance(u, int) or isinstance(u, bool) or not 1 <= u < 2**31 for u in until) or \
-      list(until) != sorted(set(until)):
+  if any(not is_integer(u) or not 1 <= u < 2**31 for u in until) or list(until) != sorted(
+      set(until)):
     fail(f'{key}.until', 'iteration boundaries must be integers in [1, 2**31) in '
          f'increasing order, got {until}.')
-  if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf
-         for lr in lrs):
+  if any(not is_number(lr) or not 0 < lr < math.inf for lr in lrs):
     fail(f'{key}.lrs', f'learning rates must be positive and finite, got {lrs}.')
   if sched.decay not in DECAYS:
     fail(f'{key}.decay', f'unknown {sched.decay!r}; expected one of '
          f'{", ".join(DECAYS)}.')
   if sched.decay == 'cosine' and len(lrs) != 1:
     fail(key, f'a cosine schedule has one peak rate and one length, got lrs {lrs}.')
-  if not isinstance(sched.warmup, int) or isinstance(sched.warmup, bool) or not (
-      0 <= sched.warmup < until[-1]):
+  if not is_integer(sched.warmup) or not 0 <= sched.warmup < until[-1]:
     fail(f'{key}.warmup', f'expected an integer in [0, {until[-1]}), got '
          f'{sched.warmup!r}.')
 

@@ -19,8 +19,9 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-from fsp_jax import data, device_data, fsp, schedules
+from fsp_jax import fsp, schedules
 from fsp_jax.adapters import Student
+from fsp_jax.feed import HostFeed
 from fsp_jax.terms import Outputs, Phase
 
 
@@ -133,36 +134,29 @@ def train_step(state: TrainState, batch: dict, teacher_variables, *, student, te
 
 @functools.cache
 def make_train_step(student: Student, teacher: Student | None, phase: Phase,
-                    tx: optax.GradientTransformation, on_device: data.Preprocess | None = None,
-                    steps_per_call: int = 1):
+                    tx: optax.GradientTransformation, feed=HostFeed, steps_per_call: int = 1):
   """`train_step` pmapped over the local devices, `steps_per_call` steps a call (a lax.scan):
-  (state, inputs, teacher_variables, placed) -> (state, metrics), every array with a leading
+  (state, given, teacher_variables, resident) -> (state, metrics), every array with a leading
   [devices] axis, metrics [devices, steps] averaged over the devices. The state is donated.
 
-  inputs are the call's batches stacked [devices, steps, b, ...] (placed None), or, for a split
-  placed on the devices (`device_data.Placed`), the `device_data.Epochs` that the call's steps
-  read, each step's batch gathered from them at the state's step and augmented there with
-  `on_device` (the experiment's `data.Preprocess`).
+  given is what the feed (`feed.HostFeed`, `feed.DeviceFeed`) gives the call, resident what it
+  keeps on the devices; each step finds its batch with `feed.batch`.
   """
 
-  def one_step(state, batch, teacher_variables, placed, epochs):
-    if on_device is not None:
-      batch = device_data.gather(
-          placed, on_device, device_data.step_indices(epochs, state.step),
-          None if phase.cached_fsp else device_data.step_choices(epochs, state.step))
+  def one_step(state, i, given, teacher_variables, resident):
+    batch = feed.batch(given, resident, i, state.step, phase.augment)
     state, metrics, _ = train_step(state, batch, teacher_variables, student=student,
                                    teacher=teacher, phase=phase, tx=tx)
     return state, metrics
 
-  def call(state, inputs, teacher_variables, placed):
-    batches, epochs = (None, inputs) if on_device is not None else (inputs, None)
-    body = lambda s, batch: one_step(s, batch, teacher_variables, placed, epochs)
+  def call(state, given, teacher_variables, resident):
+    body = lambda s, i: one_step(s, i, given, teacher_variables, resident)
     if steps_per_call == 1:
       # One step, no loop: XLA:CPU runs convolution gradients inside a loop body about 20x
       # slower (jax-ml/jax#12868), and a CPU run has no host time to save.
-      state, metrics = body(state, jax.tree_util.tree_map(lambda x: x[0], batches))
+      state, metrics = body(state, 0)
       return state, jax.tree_util.tree_map(lambda m: m[None], metrics)
-    return lax.scan(body, state, batches, length=steps_per_call)
+    return lax.scan(body, state, jnp.arange(steps_per_call))
 
   return jax.pmap(call, axis_name='batch', donate_argnums=(0,))
 

@@ -122,6 +122,12 @@ class Phase:
     return any(term.cached for term in self.terms)
 
   @property
+  def augment(self) -> bool:
+    """Whether its training images are augmented: not where it reads the teacher's cached
+    matrices, computed on the images as evaluation takes them."""
+    return not self.cached_fsp
+
+  @property
   def evaluates(self) -> bool:
     """Whether it trains on the task, so that test accuracy means something during it."""
     return any(term.loss.task for term in self.terms)

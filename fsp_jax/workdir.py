@@ -15,29 +15,22 @@ import socket
 
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 
 from fsp_jax import layout as layout_lib
-from fsp_jax import methods
 from fsp_jax.layout import Layout
 
-NEUTRAL_KEYS = methods.NEUTRAL_KEYS  # How a run goes, not what it computes.
-
-
-def _flat(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
+# Settings that change how a run goes (how it reports, saves and reads, and how fast: the
+# device path and steps_per_call compute the host pipeline's batches, to float rounding), not
+# what it computes: the workdir's config check and each net's settings both leave them out, so
+# that a run can resume with other values of them (on another machine, say).
+NEUTRAL_KEYS = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+                'eval_batch_size', 'data.workers', 'data.on_device', 'steps_per_call')
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:
   """{dotted key: (old value, new value)} for every result-changing setting that differs."""
-  old, new = _flat(old), _flat(new)
+  old, new = layout_lib.flat(old), layout_lib.flat(new)
   return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
           if key not in NEUTRAL_KEYS and old.get(key) != new.get(key)}
 
@@ -95,11 +88,11 @@ def create(workdir: str) -> None:
                      'system or missing permissions?).') from None
 
 
-def bind_config(workdir: str, config: ml_collections.ConfigDict,
-                allow_change: bool = False) -> None:
-  """Writes config.json, or checks the config against the one already there."""
+def bind_config(workdir: str, config_json: str, allow_change: bool = False) -> None:
+  """Writes config.json (the config as JSON text), or checks it against the one already
+  there."""
   path = Layout(workdir).config
-  new = json.loads(config.to_json_best_effort())
+  new = json.loads(config_json)
   changes = {}
   if os.path.exists(path):
     changes = config_changes(layout_lib.read_json(path, 'the settings this workdir was run with'),
@@ -113,7 +106,7 @@ def bind_config(workdir: str, config: ml_collections.ConfigDict,
         'settings by passing --allow_config_change (nets already finished are kept).')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('config read')
-  _record(path, config.to_json_best_effort(indent=1), replaced=bool(changes))
+  _record(path, config_json, replaced=bool(changes))
 
 
 def _record(path: str, text: str, replaced: bool) -> None:
@@ -122,9 +115,8 @@ def _record(path: str, text: str, replaced: bool) -> None:
   if jax.process_index() == 0:
     if replaced:
       os.replace(path, f'{path}.{datetime.datetime.now():%Y%m%d-%H%M%S}')
-    with open(path + '.tmp', 'w') as f:
+    with layout_lib.whole(path) as f:
       f.write(text)
-    os.replace(path + '.tmp', path)
 
 
 def _data_changes(old: dict, new: dict) -> list[str]:

@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fsp_jax import models
+from fsp_jax import models, trainer
+from fsp_jax import plan as plan_lib
+from fsp_jax.feed import HostFeed
 from fsp_jax.layout import Layout
 
 
@@ -16,6 +18,14 @@ def save_model(path: str, name: str = 'resnet8', classes: int = 10, width: int =
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, variables)
   return path
+
+
+def planned(config):
+  """The config's plan, and a trainer.Context of it: the host pipeline, and a workdir that
+  nothing writes."""
+  plan = plan_lib.resolve(config)
+  return plan, trainer.Context(plan.loop, Layout('/nonexistent'), plan.train, plan.test,
+                               plan.preprocess, HostFeed(plan.train, plan.preprocess))
 
 
 def assert_rows_are_their_nets_predictions(workdir: str, rows: list[dict]) -> None:

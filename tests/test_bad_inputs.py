@@ -15,8 +15,7 @@ import pytest
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import experiment
-from fsp_jax import workdir as workdir_lib
+from fsp_jax import experiment, layout, validation
 from fsp_jax.errors import ConfigError, PairingError
 import helpers
 import test_data
@@ -297,12 +296,12 @@ def test_unknown_variant_is_named_with_the_known_ones(tmp_path):
 def test_every_float_key_refuses_a_bool_and_takes_an_int():
   """ml_collections stores True as 1.0 in a float field: each such key refuses it instead."""
   config = config_lib.default()
-  floats = [key for key, value in workdir_lib._flat(config.to_dict()).items()  # pylint: disable=protected-access
+  floats = [key for key, value in layout.flat(config.to_dict()).items()
             if isinstance(value, float)]
   assert {'weight_decay', 'fsp.max_grad_norm', 'kd.temperature', 'at.weight'} <= set(floats)
   for key in floats:
     section, _, name = key.rpartition('.')
-    node = config_lib._get(config, section) if section else config  # pylint: disable=protected-access
+    node = validation.get(config, section) if section else config
     with pytest.raises(TypeError, match=f"'{name}'.*got True"):
       node[name] = True
     node[name] = 2

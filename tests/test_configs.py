@@ -13,7 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fsp_jax import config as config_lib
-from fsp_jax import data, device_data, experiment, methods, sources
+from fsp_jax import data, device_data, experiment, methods, sources, validation
+from fsp_jax import plan as plan_lib
 import helpers  # tests/ is on sys.path (pytest rootdir-relative imports).
 import test_data
 
@@ -60,13 +61,13 @@ def test_config_validates_and_pairs(name, arg, monkeypatch, tmp_path):
     # Given on the command line or made by another experiment (a source task): validation
     # checks that the folder exists; pairing needs only the teacher's shapes.
     config.teacher.checkpoint = str(tmp_path)
-  config_lib.validate(config)
+  validation.validate(config)
   num_classes = {'cifar100': 100, 'caltech_birds2011': 200}.get(config.data.name, 10)
-  teacher = methods.Student(experiment.build_model(config.teacher,
+  teacher = methods.Student(plan_lib.build_model(config.teacher,
                                                    config.teacher.num_classes or num_classes,
                                                    config.dtype))
-  for method in config_lib.method_list(config):
-    experiment.build_student(methods.get(method), config, num_classes, teacher)  # Or raises.
+  for method in validation.method_list(config):
+    plan_lib.build_student(methods.get(method), config, num_classes, teacher)  # Or raises.
 
 
 def test_quickstart_tiny_runs_through_main(tmp_path):
@@ -81,14 +82,14 @@ def test_quickstart_tiny_runs_through_main(tmp_path):
   assert process.returncode == 0, process.stderr[-3000:]
   with open(workdir / 'results.json') as f:
     rows = json.load(f)
-  assert [row['method'] for row in rows] == ['teacher'] + config_lib.method_list(
+  assert [row['method'] for row in rows] == ['teacher'] + validation.method_list(
       _load('quickstart', 'tiny'))
   assert f"| {rows[-1]['method']} |" in process.stdout and (workdir / 'results.md').exists()
 
 
 def _distilling(config):
   """The methods of a config that learn from the teacher's outputs."""
-  return [name for name in config_lib.method_list(config)
+  return [name for name in validation.method_list(config)
           if methods.get(name).uses_teacher(config) and not methods.get(name).starts_from_teacher]
 
 
@@ -111,7 +112,7 @@ def test_tiny_variant_trains_with_finite_losses_for_seeds_0_to_4(name, tmp_path)
   config = _load(name, 'tiny')
   config.seed, config.num_nets = 0, 1
   rows = experiment.train_and_evaluate(config, str(tmp_path / 'seed0'))
-  trained = config_lib.method_list(config)
+  trained = validation.method_list(config)
   assert [row['method'] for row in rows] == ['teacher'] + trained
   assert all(len(row['nets']) == 1 for row in rows)
   helpers.assert_rows_are_their_nets_predictions(str(tmp_path / 'seed0'), rows)
@@ -134,7 +135,7 @@ def test_tiny_variant_trains_with_finite_losses_for_seeds_0_to_4(name, tmp_path)
 
 def test_transfer_source_trains_the_targets_teacher():
   source = _load('transfer_cifar10', 'source')
-  assert config_lib.method_list(source) == ['teacher_scratch']
+  assert validation.method_list(source) == ['teacher_scratch']
   assert source.teacher.model == _load('transfer_cifar10').teacher.model
 
 
@@ -183,7 +184,7 @@ def _platform(monkeypatch, backend: str, memory: int, **changes):
     section, _, name = key.rpartition('.')
     (config[section] if section else config)[name] = value
   source = sources.digits_source('train', config.data.image_size)
-  return config_lib.platform_defaults(config, source, data.get_preprocess(config.data))
+  return plan_lib.platform_defaults(config, source, data.get_preprocess(config.data))
 
 
 def test_the_platform_chooses_the_host_and_one_step_a_call_on_a_cpu(monkeypatch):

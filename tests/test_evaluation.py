@@ -87,10 +87,12 @@ def test_an_evaluation_batch_too_large_for_the_device_is_refused_with_what_fits(
   monkeypatch.setattr(device_data, 'device_memory', lambda: int(small * 4 / 0.5 * 1.5))
   config = common.tiny(config_lib.default())
   config.eval_batch_size = 360
-  experiment.check_eval_batch(config, {'student (resnet8)': model}, 360)
+  experiment.check_eval_batch(config.eval_batch_size, config.data.image_size,
+                              {'student (resnet8)': model}, 360)
   with pytest.raises(ValueError, match=r'config.eval_batch_size=32400: evaluating the student '
                      r'\(resnet8\) on 8,100 images per device takes .* GiB \(XLA\'s figure\) on '
                      r'each of 4 devices, more than 50% of a device\'s .* lower it to [\d,]+ or '
                      r'less\.'):
     config.eval_batch_size = 32400
-    experiment.check_eval_batch(config, {'student (resnet8)': model}, 32400)
+    experiment.check_eval_batch(config.eval_batch_size, config.data.image_size,
+                                {'student (resnet8)': model}, 32400)

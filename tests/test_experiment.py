@@ -12,7 +12,7 @@ from tensorboardX.proto import event_pb2
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import data, evaluation, experiment, methods, preemption, sources, steps, trainer
+from fsp_jax import data, evaluation, experiment, preemption, sources, steps, trainer
 from fsp_jax.layout import Layout
 import helpers
 
@@ -140,16 +140,15 @@ def test_cached_stage1_batches_bring_their_own_examples_teacher_matrices():
   config = _tiny_config('fsp')
   config.fsp.cache = True
   config.data.augment = 'cifar'  # The cached phase must still read un-augmented images.
-  source = sources.digits_source('train', config.data.image_size)
-  preprocess = data.get_preprocess(config.data)
-  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
+  plan, ctx = helpers.planned(config)
+  teacher = plan.teacher.network
   variables = steps.replicate(steps.init_variables(teacher, jax.random.key(3), 16))
-  cache = experiment.teacher_fsp_cache(teacher, variables, source, preprocess, 120)
-  config, _ = config_lib.platform_defaults(config, source, preprocess)
-  ctx = trainer.Context(config, Layout('/nonexistent'), source, source, preprocess, cache)
-  run = trainer.Run(methods.get('fsp'), 1, 'resnet8', teacher)
-  stage1 = methods.get('fsp').phases(config)[0]
-  inputs = jax.device_get(next(trainer.call_inputs(ctx, run, stage1, 0)))
+  cache = experiment.teacher_fsp_cache(teacher, variables, plan.train, plan.preprocess, 120)
+  feed = ctx.feed.with_teacher_fsp(cache)
+  stage1 = plan.rows[0].phases[0]
+  inputs = jax.device_get(next(feed.calls(ctx.loop.batch_size, ctx.loop.seed_of(1), 0,
+                                          stage1.steps, ctx.loop.steps_per_call,
+                                          stage1.augment)))
   images = {'image': inputs['image'][:, 0]}  # [devices, b, S, S, 3] of the call's one step.
   direct = steps.make_fsp_step(teacher)(variables, images)
   for cached, computed in zip(inputs['teacher_fsp'], direct):
@@ -162,19 +161,16 @@ def test_random_teacher_is_drawn_per_net_with_batchnorm_statistics_of_real_image
   the same for the same net and another for the next."""
   config = _tiny_config('fsp_random')
   config.teacher.model = config.student.model = 'resnet8'
-  source = sources.digits_source('train', config.data.image_size)
-  preprocess = data.get_preprocess(config.data)
-  config, _ = config_lib.platform_defaults(config, source, preprocess)
-  ctx = trainer.Context(config, Layout('/nonexistent'), source, source, preprocess)
-  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
-  run = trainer.Run(methods.get('fsp_random'), 1, 'resnet8', teacher, teacher)
+  plan, ctx = helpers.planned(config)
+  teacher = plan.teacher.network
+  run = trainer.Run(plan.rows[0], 1, teacher, teacher)
   first, again = trainer.random_teacher(ctx, run), trainer.random_teacher(ctx, run)
-  second = trainer.random_teacher(ctx, trainer.Run(run.method, 2, 'resnet8', teacher, teacher))
+  second = trainer.random_teacher(ctx, trainer.Run(run.row, 2, teacher, teacher))
   leaves = lambda v: jax.tree_util.tree_leaves(jax.device_get(v))
   for a, b in zip(leaves(first), leaves(again)):
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in zip(leaves(first), leaves(second)))
-  student = steps.init_variables(teacher, jax.random.key(run.seed(config)), 16)
+  student = steps.init_variables(teacher, jax.random.key(ctx.loop.seed_of(run.net)), 16)
   assert any(not np.array_equal(a, b[0]) for a, b in zip(
       jax.tree_util.tree_leaves(student['params']), leaves(first['params'])))
   stats = jax.device_get(first['batch_stats'])['backbone']

@@ -1,6 +1,7 @@
 """Direct tests of guarantees that the rest of the suite kept only by accident: each docstring
 names the mutation of the code that the test was written to fail on."""
 
+import dataclasses
 import os
 
 import jax
@@ -10,20 +11,13 @@ import pytest
 
 from configs import common
 from fsp_jax import config as config_lib
-from fsp_jax import checkpoints, data, device_data, methods, models, results, sources, steps
-from fsp_jax import terms, trainer
+from fsp_jax import checkpoints, data, device_data, methods, models, results, steps
+from fsp_jax import layout, phase_loop, terms, trainer
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.adapters import Student
-from fsp_jax.layout import Layout
+import helpers
 from fsp_jax.schedules import Schedule
 from fsp_jax.terms import Phase, Term
-
-
-def _ctx(config):
-  source = sources.digits_source('train', config.data.image_size)
-  preprocess = data.get_preprocess(config.data)
-  config, _ = config_lib.platform_defaults(config, source, preprocess)
-  return trainer.Context(config, Layout('/nonexistent'), source, source, preprocess)
 
 
 def test_net_k_starts_from_seed_plus_k_minus_1():
@@ -31,11 +25,10 @@ def test_net_k_starts_from_seed_plus_k_minus_1():
   method using the same seed; net k using seed + k."""
   config = common.tiny(config_lib.default())
   config.seed = 5
-  ctx = _ctx(config)
+  plan, ctx = helpers.planned(config)
   student = Student(models.get('resnet8', 10, 1, axis_name='batch'))
-  first, second = (trainer.initial_variables(ctx, trainer.Run(methods.get('scratch'), k,
-                                                              'resnet8', student))
-                   for k in (1, 2))
+  row = dataclasses.replace(plan.rows[0], network=student)
+  first, second = (trainer.initial_variables(ctx, trainer.Run(row, k)) for k in (1, 2))
   expected = steps.init_variables(student, jax.random.key(5), config.data.image_size)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # Jitted there: float order.
@@ -65,7 +58,7 @@ def test_a_phases_gradient_clipping_reaches_its_optimizer():
   config.weight_decay = 0.0
   phase = Phase('stage1', Schedule((1e-3,), (10,)), (Term('fsp', (1.0, 1.0)),),
                 max_grad_norm=1.0)
-  tx = trainer.phase_optimizer(config, phase)
+  tx = phase_loop.phase_optimizer(phase, config.weight_decay, config.momentum)
   params = {'w': jnp.zeros(3)}
   updates, _ = tx.update({'w': jnp.array([100.0, 0.0, 0.0])}, tx.init(params), params)
   assert float(jnp.linalg.norm(updates['w'])) == pytest.approx(1e-3, rel=1e-4)
@@ -74,7 +67,7 @@ def test_a_phases_gradient_clipping_reaches_its_optimizer():
 def test_every_setting_that_changes_results_is_a_config_change():
   """Each key of the default config but the neutral ones, changed alone, is reported.
   Mutation: the changed-config check ignoring batch_size."""
-  flat = workdir_lib._flat(config_lib.default().to_dict())  # pylint: disable=protected-access
+  flat = layout.flat(config_lib.default().to_dict())
   for key, value in flat.items():
     changed = dict(flat, **{key: (value, 'changed')})
     found = workdir_lib.config_changes(flat, changed)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from fsp_jax import config as config_lib
-from fsp_jax import experiment, methods, models, steps, terms, trainer
+from fsp_jax import methods, models, steps, terms, trainer, validation
+from fsp_jax import plan as plan_lib
 
 
 @pytest.fixture
@@ -147,18 +148,18 @@ def test_start_from_copies_the_backbone_and_the_head_of_the_same_classes():
 
 def test_students_get_what_their_method_adds(config):
   config.student.model = 'resnet8'
-  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
-  fitnet = experiment.build_student(methods.get('fitnet'), config, 10, teacher)
+  teacher = methods.Student(plan_lib.build_model(config.teacher, 10, 'float32'))
+  fitnet = plan_lib.build_student(methods.get('fitnet'), config, 10, teacher)
   assert fitnet.hint == ('stage2_out', 32) and not fitnet.adapter
   config.teacher.width = 2
-  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
+  teacher = methods.Student(plan_lib.build_model(config.teacher, 10, 'float32'))
   with pytest.raises(ValueError, match='cannot be paired'):
-    experiment.build_student(methods.get('fsp'), config, 10, teacher)
+    plan_lib.build_student(methods.get('fsp'), config, 10, teacher)
   config.student.adapter = True
-  fsp_student = experiment.build_student(methods.get('fsp'), config, 10, teacher)
+  fsp_student = plan_lib.build_student(methods.get('fsp'), config, 10, teacher)
   assert dict(fsp_student.adapter) == {'stage1_in': 32, 'stage1_out': 32, 'stage2_in': 32,
                                        'stage2_out': 64, 'stage3_in': 64, 'stage3_out': 128}
-  assert experiment.build_student(methods.get('scratch'), config, 10, teacher).adapter == ()
+  assert plan_lib.build_student(methods.get('scratch'), config, 10, teacher).adapter == ()
 
 
 def test_unknown_method_is_named():
@@ -172,8 +173,8 @@ def test_attention_transfer_is_one_stage_with_the_authors_weight(config):
        (('ce', (1.0, 1.0), {}), ('at', (500.0, 500.0), {})))]
   assert methods.get('at').uses_teacher(config)
   config.student.model = 'resnet8'
-  teacher = methods.Student(experiment.build_model(config.teacher, 10, 'float32'))
-  assert experiment.build_student(methods.get('at'), config, 10, teacher).hint is None
+  teacher = methods.Student(plan_lib.build_model(config.teacher, 10, 'float32'))
+  assert plan_lib.build_student(methods.get('at'), config, 10, teacher).hint is None
   config.at.weight = 0.0
   with pytest.raises(ValueError, match=r'config.at.weight: expected a finite number > 0'):
-    config_lib.validate(config)
+    validation.validate(config)

@@ -243,7 +243,7 @@ def test_a_workdir_is_bound_to_its_data(tmp_path):
 
 def test_a_setting_of_how_fast_a_run_goes_does_not_bind_the_workdir(tmp_path):
   """data.workers changes how a run reads, not what it computes: a finished workdir reruns
-  with another value, and the nets' settings leave it out (one list, methods.NEUTRAL_KEYS)."""
+  with another value, and the nets' settings leave it out (one list, workdir.NEUTRAL_KEYS)."""
   experiment.train_and_evaluate(_config(), str(tmp_path))
   changed = _config()
   changed.data.workers = 1
