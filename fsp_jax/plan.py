@@ -230,14 +230,15 @@ def resolve(config: ml_collections.ConfigDict) -> Plan:
   classes, c = train.num_classes, config
   teacher = Student(build_model(c.teacher, c.teacher.num_classes or classes, c.dtype))
   rows = tuple(_row(c, m, build_student(m, c, classes, teacher)) for m in chosen)
+  needed = not chosen or any(row.uses_teacher for row in rows)
   return Plan(
-      rows, Teacher(teacher, c.teacher.model, c.teacher.checkpoint, c.teacher.num_classes,
-                    c.teacher.num_nets, not chosen or any(r.uses_teacher for r in rows),
-                    _row(c, methods.TEACHER, teacher)),
-      Student(build_model(c.student, classes, c.dtype)), c.student.model,
-      Loop(c.batch_size, c.eval_batch_size, c.seed, c.weight_decay, c.momentum, c.log_every,
-           c.eval_every, c.checkpoint_every, c.keep_checkpoints, c.steps_per_call,
-           c.data.image_size),
-      train, test, preprocess, c.data.on_device, c.data.workers, c.dtype, c.num_nets,
-      c.to_json_best_effort(indent=1))
-
+      rows=rows,
+      teacher=Teacher(teacher, c.teacher.model, c.teacher.checkpoint, c.teacher.num_classes,
+                      c.teacher.num_nets, needed, _row(c, methods.TEACHER, teacher)),
+      student=Student(build_model(c.student, classes, c.dtype)), student_model=c.student.model,
+      loop=Loop(c.batch_size, c.eval_batch_size, c.seed, c.weight_decay, c.momentum,
+                c.log_every, c.eval_every, c.checkpoint_every, c.keep_checkpoints,
+                c.steps_per_call, c.data.image_size),
+      train=train, test=test, preprocess=preprocess, on_device=c.data.on_device,
+      workers=c.data.workers, dtype=c.dtype, num_nets=c.num_nets,
+      config_json=c.to_json_best_effort(indent=1))
