@@ -22,8 +22,9 @@ EVAL_IN_FLIGHT = 2
 
 def _batches(source, preprocess: data.Preprocess, batch_size: int, placed):
   """Each batch of a pass over source: (the pmapped step's batch [devices, b, ...], this host's
-  labels, its mask), read by the host pipeline, or where `placed` holds the split's
-  `device_data.centre_crops`, gathered on the devices from the examples' positions."""
+  labels, its mask), read by the host pipeline, or where `placed` holds the split (its
+  `device_data.centre_crops`, or its `stored_images`, whose centres are cropped there),
+  gathered on the devices from the examples' positions."""
   if placed is None:
     for batch in data.eval_batches(source, preprocess, batch_size):
       yield data.shard(batch, jax.local_device_count()), batch['label'], batch['mask']
@@ -43,8 +44,8 @@ def predict(step, variables, source, preprocess: data.Preprocess, batch_size: in
   ...] over a split in order: (outputs [N, ...] of every example, labels [N]) on every host.
   Batches hold batch_size examples, or the split's whole where that is fewer (rounded up to the
   devices), so a large batch_size pads nothing. `interruptible` (a name for the pass): a signal
-  stops the pass within a batch, raising Preempted. `placed`: the split's
-  `device_data.centre_crops` on the devices, where the batches are then gathered.
+  stops the pass within a batch, raising Preempted. `placed`: the split on the devices (see
+  `_batches`), where the batches are then gathered.
 
   variables are replicated over the local devices.
   """

@@ -57,15 +57,18 @@ def load_teacher(path: str, teacher: Student, image_size: int) -> dict:
   return steps.replicate({kind: {'backbone': v} for kind, v in variables.items()})
 
 
-def teacher_fsp_cache(teacher, variables, source, preprocess, batch_size: int) -> tuple:
+def teacher_fsp_cache(teacher, variables, source, preprocess, batch_size: int,
+                      placed: device_data.Placed | None = None) -> tuple:
   """The teacher's FSP matrices of every example of source, seen as in evaluation (no
   augmentation): a [N, M, N'] float32 array per stage, on every host. A signal stops it within
-  a batch (preemption.Preempted).
+  a batch (preemption.Preempted). `placed`: the split on the devices (`DeviceFeed.resident`),
+  where each batch is then gathered and centre-cropped.
 
   variables are replicated over the local devices.
   """
   matrices, _ = evaluation.predict(steps.make_fsp_step(teacher), variables, source,
-                                   preprocess, batch_size, interruptible="teacher's FSP matrices")
+                                   preprocess, batch_size, interruptible="teacher's FSP matrices",
+                                   placed=placed)
   return tuple(matrices)
 
 
@@ -111,7 +114,7 @@ def _saved_teacher_fsp(ctx: trainer.Context, plan: plan_lib.Plan, variables,
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
       logs.say(f'{path} cannot be read ({e}): computing the matrices anew.')
   cache = teacher_fsp_cache(plan.teacher.network, variables, ctx.train_source, ctx.preprocess,
-                            ctx.loop.eval_batch_size)
+                            ctx.loop.eval_batch_size, ctx.feed.resident)
   logs.say(f"Cached the teacher's FSP matrices of {len(ctx.train_source)} training images in "
            f'{logs.duration(time.time() - start)} ({sum(g.nbytes for g in cache) / 2**20:.0f} '
            f'MiB, saved in {path}).')

@@ -8,6 +8,7 @@ from configs import common
 from fsp_jax import config as config_lib
 from fsp_jax import data, device_data, evaluation, experiment, models, sources, steps
 from fsp_jax.adapters import Student
+from fsp_jax.feed import DeviceFeed
 
 
 @pytest.fixture(scope='module')
@@ -65,8 +66,11 @@ def test_a_batch_larger_than_the_split_reads_it_in_one_batch(model_and_source, m
 @pytest.mark.parametrize('augment', ['cifar', 'crop_flip'])
 def test_evaluation_on_the_device_equals_the_host_pipelines(augment, model_and_source):
   """The split's centre crops placed on the devices and gathered there: the same accuracy and
-  labels, probabilities within 1e-6, for batches that pad (4 of 10) and one that does not."""
-  model, variables, source, _ = model_and_source
+  labels, probabilities within 1e-6, for batches that pad (4 of 10) and one that does not.
+  Fresh statistics: the fixture's give every image the same outputs. Mutation: the crop of
+  `device_data.centre_crops` moved off the centre."""
+  model, _, source, _ = model_and_source
+  variables = steps.replicate(steps.init_variables(model, jax.random.key(1), 16))
   preprocess = data.Preprocess(12 if augment == 'crop_flip' else 16, augment)
   placed = device_data.place(*device_data.centre_crops(source, preprocess))
   for batch_size in (4, 2**20):
@@ -75,7 +79,25 @@ def test_evaluation_on_the_device_equals_the_host_pipelines(augment, model_and_s
                                  placed=placed)
     assert host[0]['accuracy'] == device[0]['accuracy']
     np.testing.assert_array_equal(host[2], device[2])
+    assert host[1].std(axis=0).max() > 1e-3  # The examples' outputs differ.
     np.testing.assert_allclose(host[1], device[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('augment', ['cifar', 'crop_flip'])
+def test_the_teachers_fsp_cache_from_the_split_on_the_device_equals_the_host_pipelines(
+    augment, model_and_source):
+  """The training split as the device feed holds it (at its working size; crop_flip's larger
+  than the crop) gives the teacher's matrices of the centre crops that the host computes.
+  Mutation: the device's crop moved off the centre."""
+  model, _, source, _ = model_and_source
+  variables = steps.replicate(steps.init_variables(model, jax.random.key(1), 16))
+  preprocess = data.Preprocess(12 if augment == 'crop_flip' else 16, augment)
+  resident = DeviceFeed.place(device_data.stored_images(source, preprocess), preprocess).resident
+  host = experiment.teacher_fsp_cache(model, variables, source, preprocess, 4)
+  device = experiment.teacher_fsp_cache(model, variables, source, preprocess, 4, resident)
+  for a, b in zip(host, device):
+    assert a.shape == b.shape and a.std() > 0
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
 
 
 def test_an_evaluation_batch_too_large_for_the_device_is_refused_with_what_fits(monkeypatch):
