@@ -27,6 +27,10 @@ times, so that the machine's drift falls on both alike, the median round taken:
    phase), `ratio` bare / loop; `phase_ratio` over the whole phase, its setup and final
    checkpoint included. Goal: >= 0.99.
 
+3. The evaluation's host time per example, host pipeline and split on the devices: the trivial
+   step's `evaluation.evaluate` over --eval_examples images against the bare eval step called
+   as often on one batch already on the devices, outputs fetched once (`host_us_per_example`).
+
 The bare call and the loop run the same compiled program (steps.make_train_step's cache).
 """
 
@@ -43,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsp_jax import config as config_lib
-from fsp_jax import data, device_data, logs, methods, models, phase_loop, sources, steps
+from fsp_jax import data, device_data, evaluation, logs, methods, models, phase_loop, sources
+from fsp_jax import steps
 from fsp_jax import plan as plan_lib
 from fsp_jax.adapters import Student
 from fsp_jax.feed import DeviceFeed, HostFeed
@@ -190,6 +195,40 @@ def resnet_ratio(steps_count: int, batch_size: int, k: int, on_device: bool,
               found['bare_steady_s'])}
 
 
+def eval_host_time(trivial, examples: int, batch_size: int, on_device: bool,
+                   rounds: int) -> dict:
+  """An evaluation's host time per example: `evaluation.evaluate` of the trivial step over a
+  split of `examples` 8x8 images (the host pipeline, or the split's centre crops on the
+  devices) against the bare compiled eval step called as many times on one batch already on
+  the devices, its outputs fetched once; alternated `rounds` times, the median round's
+  (evaluate - bare) / examples."""
+  rng = np.random.default_rng(0)
+  source = sources.ArraySource(rng.integers(0, 256, (examples, 8, 8, 3), np.uint8),
+                               rng.integers(0, 10, examples), 10)
+  preprocess = data.Preprocess(8, 'cifar')
+  placed = device_data.place(*device_data.centre_crops(source, preprocess)) if on_device \
+      else None
+  model = Student(trivial)
+  variables = steps.replicate(steps.init_variables(model, jax.random.key(0), 8))
+  batch_size = min(batch_size, examples)  # As evaluation.predict takes it (examples: whole).
+  step, calls = steps.make_eval_step(model), -(-examples // batch_size)
+  batch = jax.device_put(data.shard(next(data.eval_batches(source, preprocess, batch_size)),
+                                    jax.local_device_count()))
+  jax.device_get(step(variables, batch))  # Both compiled and warm before the rounds.
+  evaluation.evaluate(model, variables, source, preprocess, batch_size, placed=placed)
+  found = {'bare_s': [], 'eval_s': []}
+  for _ in range(rounds):
+    start = time.perf_counter()
+    jax.device_get([step(variables, batch) for _ in range(calls)])
+    found['bare_s'].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    evaluation.evaluate(model, variables, source, preprocess, batch_size, placed=placed)
+    found['eval_s'].append(time.perf_counter() - start)
+  return {'on_device': on_device, 'examples': examples, 'batch_size': batch_size,
+          'rounds': found, 'host_us_per_example': 1e6 * _median(
+              np.subtract(found['eval_s'], found['bare_s'])) / examples}
+
+
 def _settings(text: str) -> list[tuple[int, bool]]:
   return [(int(k), bool(int(d))) for k, d in (entry.split(':') for entry in text.split(','))]
 
@@ -205,13 +244,17 @@ def main():
   parser.add_argument('--resnet_settings', default=None,
                       help='those of --settings that also time ResNet-8 (default: all); on a '
                       'CPU, k > 1 runs its convolution gradients ~23x slower (README: speed)')
+  parser.add_argument('--eval_examples', type=int, default=8192,
+                      help='images of the split evaluated (host time per example)')
+  parser.add_argument('--eval_batch', type=int, default=512)
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   settings = _settings(args.settings)
   resnet_settings = settings if args.resnet_settings is None else _settings(args.resnet_settings)
   result = {'machine': f'{platform.machine()}, {os.cpu_count()} cores',
             'devices': [str(d) for d in jax.local_devices()], 'jax': jax.__version__,
-            'trivial_batch8': [], f'resnet8_batch{args.resnet_batch}': []}
+            'trivial_batch8': [], f'resnet8_batch{args.resnet_batch}': [],
+            'eval_trivial': []}
   for k, on_device in settings:
     trivial = host_time(Trivial(axis_name='batch'), args.trivial_steps, k, on_device,
                         args.rounds)
@@ -231,9 +274,21 @@ def main():
                + f"; whole phase {resnet['phase_ratio']:.3f}; bare "
                f"{resnet['bare_images_per_s']:.0f} img/s)")
     print(line, flush=True)
-    if args.out:  # After each setting: a run cut short keeps what it measured.
-      with open(args.out, 'w') as f:
-        json.dump(result, f, indent=1)
+    _save(result, args.out)
+  for on_device in sorted({on_device for _, on_device in settings}):
+    evaluated = eval_host_time(Trivial(axis_name='batch'), args.eval_examples, args.eval_batch,
+                               on_device, args.rounds)
+    result['eval_trivial'].append(evaluated)
+    print(f"evaluation {'on device' if on_device else 'host     '}: "
+          f"{evaluated['host_us_per_example']:.2f} us of host time per example", flush=True)
+    _save(result, args.out)
+
+
+def _save(result: dict, out: str) -> None:
+  """After each setting: a run cut short keeps what it measured."""
+  if out:
+    with open(out, 'w') as f:
+      json.dump(result, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -27,6 +27,8 @@ def test_accelerator_script_writes_every_measurement(tmp_path):
   for m in result['loop']['resnet8_batch8']:
     assert len(m['ratios']) == 1 and m['ratio'] > 0 and m['phase_ratio'] > 0
     assert all(len(times) == 1 and times[0] > 0 for times in m['rounds'].values())
+  assert [m['on_device'] for m in result['loop']['eval_trivial']] == [False, True]
+  assert all(len(m['rounds']['eval_s']) == 1 for m in result['loop']['eval_trivial'])
   assert result['complete']
   assert [run['on_device'] for run in result['training']] == [True, False]
   for run in result['training']:
