@@ -146,7 +146,8 @@ def _teacher_row(ctx: trainer.Context, teacher: plan_lib.Teacher, variables) -> 
           'iterations': 0, 'wall_s': 0.0}
 
 
-def _teacher(ctx: trainer.Context, teacher: plan_lib.Teacher, loaded) -> tuple[dict, list]:
+def _teacher(ctx: trainer.Context, teacher: plan_lib.Teacher,
+             loaded) -> tuple[dict | None, list]:
   """The teacher's variables (replicated; None where no row needs it) and its rows: trained
   here (teacher.num_nets nets; the first one is the teacher), or loaded and tested on the
   data set where it has the data set's classes."""
