@@ -7,7 +7,7 @@ or Inf stops the run naming the step and term, before anything non-finite is sav
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 from flax import jax_utils
 import jax
@@ -15,6 +15,9 @@ import numpy as np
 import optax
 
 from fsp_jax import checkpoints, logs, preemption, steps
+from fsp_jax.adapters import Student
+from fsp_jax.feed import DeviceFeed, HostFeed
+from fsp_jax.plan import Loop
 from fsp_jax.terms import Phase
 
 
@@ -127,12 +130,12 @@ def phase_optimizer(phase: Phase, weight_decay: float,
 class PhaseRun:
   """What one phase's loop reads: the plan's loop settings, the feed, the networks, the test
   split to evaluate on, the TensorBoard writer."""
-  loop: Any                # plan.Loop
-  feed: Any                # feed.HostFeed or feed.DeviceFeed
-  student: Any
-  teacher: Any
+  loop: Loop
+  feed: HostFeed | DeviceFeed
+  student: Student
+  teacher: Student | None
   teacher_variables: Any   # Replicated, or None.
-  evaluator: Any           # (variables) -> metrics on the test split.
+  evaluator: Callable[[dict], dict]  # Replicated variables -> metrics on the test split.
   writer: logs.Writer
   seed: int
 
