@@ -119,10 +119,10 @@ def make_eval_gather(preprocess: data.Preprocess):
   return jax.pmap(lambda placed, indices: gather(placed, preprocess, indices, None))
 
 
-def place(images: np.ndarray, labels: np.ndarray, teacher_fsp: tuple | None = None) -> Placed:
-  """A split (`stored_images`, `centre_crops`) and, for training, the teacher's cached
-  matrices, copied to every local device."""
-  return Placed(*jax_utils.replicate((images, labels, teacher_fsp)))
+def place(images: np.ndarray, labels: np.ndarray) -> Placed:
+  """A split (`stored_images`, `centre_crops`) copied to every local device (the teacher's
+  cached matrices join it in `feed.DeviceFeed.with_teacher_fsp`)."""
+  return Placed(*jax_utils.replicate((images, labels)))
 
 
 class Epochs(NamedTuple):

@@ -179,10 +179,11 @@ def platform_defaults(config: ml_collections.ConfigDict, train_source,
   return config, f'Chosen for this platform ({platform}): {"; ".join(said)}.'
 
 
-def settings(method: methods.Method, config: ml_collections.ConfigDict) -> dict:
-  """Everything that decides how a method's nets train, as JSON (every key but
-  workdir.NEUTRAL_KEYS): a net's checkpoints belong to these settings (and are not resumed
-  under others)."""
+def settings(method: methods.Method, config: ml_collections.ConfigDict,
+             phases: tuple[Phase, ...], uses_teacher: bool) -> dict:
+  """Everything that decides how a method's nets train (its phases, and whether it uses the
+  teacher), as JSON (every key but workdir.NEUTRAL_KEYS): a net's checkpoints belong to these
+  settings (and are not resumed under others)."""
   network = dict(config[method.network].to_dict())
   if method.network == 'teacher':
     network.pop('num_nets')
@@ -191,17 +192,19 @@ def settings(method: methods.Method, config: ml_collections.ConfigDict) -> dict:
   data_ = {k: v for k, v in config.data.to_dict().items()
            if f'data.{k}' not in workdir.NEUTRAL_KEYS}
   teacher = {k: v for k, v in config.teacher.to_dict().items() if k != 'num_nets'} if (
-      method.uses_teacher(config)) else None
+      uses_teacher) else None
   phases = [{'name': p.name, 'schedule': list(p.schedule), 'max_grad_norm': p.max_grad_norm,
              'terms': [[t.name, list(t.weight), dict(t.options)] for t in p.terms]}
-            for p in method.phases(config)]
+            for p in phases]
   return json.loads(json.dumps({'method': method.name, 'network': network, 'data': data_,
                                 'teacher': teacher, 'phases': phases, **shared}))
 
 
 def _row(config, method: methods.Method, network: Student) -> Row:
-  return Row(method, tuple(method.phases(config)), settings(method, config),
-             config[method.network].model, network, method.uses_teacher(config),
+  """A method resolved: its phases built once, and what follows from them."""
+  phases, uses_teacher = tuple(method.phases(config)), method.uses_teacher(config)
+  return Row(method, phases, settings(method, config, phases, uses_teacher),
+             config[method.network].model, network, uses_teacher,
              keeps_teacher_head=not config.teacher.num_classes)
 
 
