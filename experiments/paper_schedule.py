@@ -21,8 +21,9 @@ Expected minutes per net on an H200, from the train steps measured there at batc
 that runs the ResNet-26 teacher 18,000): the student alone 1.9, FSP and shuffled FSP 2.5, the
 student for FSP's iterations 2.5, KD 7.6; about 17 a round, 51 for three nets a row, plus
 compilation and evaluation. On an H100 (not measured) up to 1.4x that, by memory bandwidth.
-The data must be on the machine: CIFAR-10's JPEGs are 236 MB, more than a lent machine's
-64 MiB of carried files.
+On a lent machine (no package index, 64 MiB carried): `bash benchmarks/offline.sh paper OUT
+SECONDS` there, after `pack` and `travel` here (see that script); it brings --out back as
+OUT/paper.tgz.
 """
 
 import argparse
