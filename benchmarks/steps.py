@@ -67,8 +67,11 @@ def jax_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int
   from fsp_jax.terms import Phase, Term  # pylint: disable=g-import-not-at-top
 
   devices = jax.local_device_count()
-  replicate = lambda tree: jax.tree_util.tree_map(
-      lambda x: np.stack([np.asarray(x)] * devices), tree)
+  # Every input on the devices before it is timed, as the reference's are (and as training's
+  # are with data.on_device): numpy arguments would be copied to the devices at every call.
+  on_devices = jax.pmap(lambda tree: tree)
+  replicate = lambda tree: on_devices(jax.tree_util.tree_map(
+      lambda x: np.stack([np.asarray(x)] * devices), tree))
   schedule = Schedule((1e-3,), (1_000_000,))
   tx = steps.optimizer(schedule, 1e-4, 0.9)
   teacher = Student(models.get(teacher_name, 10, axis_name='batch', dtype=np.dtype(dtype)))
@@ -76,11 +79,12 @@ def jax_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int
   teacher_variables = replicate(
       steps.create_train_state(teacher, jax.random.key(1), 32, tx).variables())
   rng = np.random.default_rng(0)
-  batch = data.shard({'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
-                      'label': rng.integers(0, 10, batch_size).astype(np.int32)}, devices)
+  batch = on_devices(data.shard({
+      'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+      'label': rng.integers(0, 10, batch_size).astype(np.int32)}, devices))
   cached = steps.make_fsp_step(teacher)(teacher_variables, batch)
   phase = lambda *terms: Phase('train', schedule, terms)
-  one_call = lambda inputs: jax.tree_util.tree_map(lambda x: x[:, None], inputs)  # 1 step.
+  one_call = lambda inputs: on_devices(jax.tree_util.tree_map(lambda x: x[:, None], inputs))
   calls = {
       'stage1': (steps.make_train_step(student, teacher, phase(Term('fsp')), tx),
                  one_call(batch), teacher_variables),
