@@ -66,9 +66,10 @@ case "${1:-}" in
     git diff --cached --quiet || { echo 'offline.sh travel: commit or unstage first' >&2; exit 1; }
     git rm -r -q --cached results
     for path in "${keep[@]}"; do [ ! -e "$path" ] || git add -f "$path"; done
-    grep -qxF "$exclude_line" .git/info/exclude 2>/dev/null || echo "$exclude_line" >> .git/info/exclude
-    bytes=$( (git ls-files -z --cached --others --exclude-standard; find "$bundle" -type f -print0) |
-             xargs -0 stat -c %s | awk '{s += $1} END {print s}')
+    grep -qxF "$exclude_line" .git/info/exclude 2>/dev/null ||
+        echo "$exclude_line" >> .git/info/exclude
+    bytes=$( (git ls-files -z --cached --others --exclude-standard;
+              find "$bundle" -type f -print0) | xargs -0 stat -c %s | awk '{s += $1} END {print s}')
     echo "travels: $((bytes / 1048576)) MiB of 64 (the working tree and $bundle)"
     [ "$bytes" -le $((64 * 1048576)) ] || { echo 'offline.sh travel: over 64 MiB' >&2; exit 1; } ;;
   home)

@@ -17,12 +17,18 @@ def _tracked(clone, folder='results'):
   return _run(clone, 'git', 'ls-files', folder).stdout.split()
 
 
-def test_travel_leaves_the_committed_results_behind_and_home_brings_them_back(tmp_path):
+def _clone(tmp_path):
+  """A clone of the repository with this checkout's offline.sh and an .offline/ bundle."""
   clone = tmp_path / 'clone'
   subprocess.run(['git', 'clone', '-q', ROOT, str(clone)], check=True)
   shutil.copy(os.path.join(ROOT, 'benchmarks', 'offline.sh'), clone / 'benchmarks')
   os.makedirs(clone / '.offline')
   (clone / '.offline' / 'cifar10.tgz').write_bytes(b'\0' * 1000)
+  return clone
+
+
+def test_travel_leaves_the_committed_results_behind_and_home_brings_them_back(tmp_path):
+  clone = _clone(tmp_path)
   committed = _tracked(clone)
   assert any(not path.startswith(KEPT) for path in committed)
 
@@ -45,10 +51,7 @@ def test_travel_leaves_the_committed_results_behind_and_home_brings_them_back(tm
 
 
 def test_travel_refuses_while_something_is_staged(tmp_path):
-  clone = tmp_path / 'clone'
-  subprocess.run(['git', 'clone', '-q', ROOT, str(clone)], check=True)
-  shutil.copy(os.path.join(ROOT, 'benchmarks', 'offline.sh'), clone / 'benchmarks')
-  os.makedirs(clone / '.offline')
+  clone = _clone(tmp_path)
   (clone / 'README.md').write_text('changed')
   _run(clone, 'git', 'add', 'README.md')
   travel = _run(clone, 'bash', 'benchmarks/offline.sh', 'travel')

@@ -25,9 +25,10 @@ iteration in a probe, which 15 nets could not afford). The student is ResNet-14,
 with blocks removed (26 -> 14 layers, near the paper's 34 -> 20; the same stage widths, so no
 adapters). Every row trains its task stage for TASK_STEPS = 5,400 iterations at batch 32 (60
 epochs: the student alone had not stopped improving after 40), a warm-up then a cosine decay
-from 0.025 (fine-tuning too: the best of three rates); FSP's stage 1 and FitNet's hint stage have the CIFAR
-tables' lengths relative to the task (1/3 and 35/63) at the paper's rates; FitNet has no KD
-stage (the source's logits are CIFAR-10's classes). Three nets per row, seed-paired:
+from 0.025 (fine-tuning too: the best of three rates); FSP's stage 1 and FitNet's hint stage
+have the CIFAR tables' lengths relative to the task (1/3 and 35/63) at the paper's rates;
+FitNet has no KD stage (the source's logits are CIFAR-10's classes). Three nets per row,
+seed-paired:
 
   python experiments/main.py --config=experiments/configs/transfer_cub.py:cpu \
       --workdir=runs/transfer_cub_cpu
