@@ -25,6 +25,7 @@ cd "$(dirname "$0")/.."
 bundle=.offline
 site=/tmp/offline-site
 data=/tmp/offline-cifar10
+cut=/tmp/offline-subset  # The benchmarks' 500 training and 100 test images a class.
 paper=results/runs/minimize_cifar10_paper  # paper_schedule.py's --out, committed.
 keep=(results/teacher_cifar10/model "$paper")
 exclude_line=/results/  # offline.sh travel
@@ -79,9 +80,8 @@ case "${1:-}" in
   run)
     out=${2:?'usage: bash benchmarks/offline.sh run OUT [ARGS]'}
     setup
-    [ -d /tmp/offline-subset ] || { subset "$data" train 500 /tmp/offline-subset;
-                                    subset "$data" test 100 /tmp/offline-subset; }
-    python3 benchmarks/accelerator.py --cifar10=/tmp/offline-subset \
+    [ -d "$cut" ] || { subset "$data" train 500 "$cut"; subset "$data" test 100 "$cut"; }
+    python3 benchmarks/accelerator.py --cifar10="$cut" \
         --out="$out/benchmark_gpu.json" "${@:3}" 2>&1 | tee "$out/accelerator.log" ;;
   paper)
     out=${2:?'usage: bash benchmarks/offline.sh paper OUT SECONDS [ARGS]'}

@@ -69,14 +69,13 @@ def jax_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int
   devices = jax.local_device_count()
   # Every input on the devices before it is timed, as the reference's are (and as training's
   # are with data.on_device): numpy arguments would be copied to the devices at every call.
+  # Replicated trees through steps.replicate; batches [devices, ...] through on_devices.
   on_devices = jax.pmap(lambda tree: tree)
-  replicate = lambda tree: on_devices(jax.tree_util.tree_map(
-      lambda x: np.stack([np.asarray(x)] * devices), tree))
   schedule = Schedule((1e-3,), (1_000_000,))
   tx = steps.optimizer(schedule, 1e-4, 0.9)
   teacher = Student(models.get(teacher_name, 10, axis_name='batch', dtype=np.dtype(dtype)))
   student = Student(models.get(student_name, 10, axis_name='batch', dtype=np.dtype(dtype)))
-  teacher_variables = replicate(
+  teacher_variables = steps.replicate(
       steps.create_train_state(teacher, jax.random.key(1), 32, tx).variables())
   rng = np.random.default_rng(0)
   batch = on_devices(data.shard({
@@ -96,7 +95,7 @@ def jax_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int
   }
   results = {}
   for name, (step, inputs, variables) in calls.items():
-    state = replicate(steps.create_train_state(student, jax.random.key(0), 32, tx))
+    state = steps.replicate(steps.create_train_state(student, jax.random.key(0), 32, tx))
     start = time.perf_counter()
     compiled = step.lower(state, inputs, variables, None).compile()
     compile_s = time.perf_counter() - start
@@ -107,7 +106,8 @@ def jax_pair(teacher_name: str, student_name: str, batch_size: int, repeats: int
       jax.block_until_ready(metrics)
 
     results[name] = _measure(compiled, run, compile_s, repeats)
-  variables = replicate(steps.create_train_state(student, jax.random.key(0), 32, tx).variables())
+  variables = steps.replicate(
+      steps.create_train_state(student, jax.random.key(0), 32, tx).variables())
   eval_batch = batch
   start = time.perf_counter()
   compiled = steps.make_eval_step(student).lower(variables, eval_batch).compile()
