@@ -3,10 +3,15 @@
 One Orbax composite checkpoint per saved step holds 'state' (the TrainState) and 'history'
 (the run's curves so far, JSON), so a resumed run continues both from the same step. A
 checkpoint that cannot be read is reported in one line, moved aside as `<step>.corrupt`
-(never deleted) and the previous one used; saving then goes on at once. `save` returns only
-once the checkpoint is committed on disk.
+(never deleted) and the previous one used; saving then goes on at once.
+
+`save` writes host arrays in a background thread while training goes on, one save at a time;
+`wait` returns once the save in flight is committed and raises its error. A checkpoint is
+committed atomically (Orbax writes a temporary folder and renames it), so a process killed
+during a save keeps the checkpoint before it.
 """
 
+import concurrent.futures
 import contextlib
 import io
 import logging
@@ -81,18 +86,30 @@ class PhaseCheckpoints:
     self.directory, self.keep, self.where = os.path.abspath(directory), keep, where
     self.manager = self._open()
     self.step = 0  # The last good checkpoint's step: restored or saved (0: none).
+    self._writer = concurrent.futures.ThreadPoolExecutor(1, f'save {where}')
+    self._in_flight = None  # The future of the save being written.
 
   @property
   def last_good(self) -> str:
-    """Where a rerun would resume this phase from, in words."""
+    """Where a rerun would resume this phase from, in words (once the save in flight ends)."""
+    if self._in_flight:
+      concurrent.futures.wait([self._in_flight])
     return (f'the last good checkpoint is step {self.step} in {self.directory}' if self.step
             else 'no checkpoint of this phase was saved yet')
 
   def _open(self) -> ocp.CheckpointManager:
-    # Synchronous saves: a run killed at any moment loses at most checkpoint_every steps.
+    # Orbax's saves are synchronous, in our writer thread (Orbax's own asynchronous saves
+    # print TensorStore's tracebacks on a full disk while the loop trains: BENCHMARKS.md,
+    # 2026-12-02). With the processes named, Orbax's barriers go through JAX's coordination
+    # service, safe beside the training's collectives; its default barrier is a collective,
+    # which a thread must not issue beside the loop's. (Orbax then leaves creating the
+    # folder to us.)
+    os.makedirs(self.directory, exist_ok=True)
     return ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep, create=True, enable_async_checkpointing=False))
+            max_to_keep=self.keep, create=False, enable_async_checkpointing=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                active_processes=set(range(jax.process_count())))))
 
   def restore(self, state, history: dict):
     """(state, history, step) of the newest readable checkpoint, or the given ones and 0."""
@@ -127,8 +144,20 @@ class PhaseCheckpoints:
     self.manager = self._open()
 
   def save(self, step: int, state, history: dict) -> None:
-    """Writes a checkpoint and returns once it is committed. Raises WriteError in one line
-    where it was not written (a full disk, say), naming the file and the intact checkpoint."""
+    """Starts writing a checkpoint of host arrays (state, history) in the background, once
+    the save before it is committed (raising that one's WriteError)."""
+    self.wait()
+    self._in_flight = self._writer.submit(self._write, step, state, history)
+
+  def wait(self, block: bool = True) -> None:
+    """Returns once the save in flight is committed (with block=False, at once while it is
+    still writing). Raises WriteError in one line where it was not written (a full disk, say),
+    naming the file and the intact checkpoint."""
+    if self._in_flight and (block or self._in_flight.done()):
+      in_flight, self._in_flight = self._in_flight, None
+      in_flight.result()
+
+  def _write(self, step: int, state, history: dict) -> None:
     before = self.manager.all_steps()
     try:
       with _quiet():
@@ -150,6 +179,8 @@ class PhaseCheckpoints:
                        'and run the same command again to resume.') from e
 
   def close(self) -> None:
+    """Waits for the save in flight (its error is `wait`'s to raise) and closes."""
+    self._writer.shutdown()
     self.manager.close()
 
 

@@ -153,14 +153,26 @@ def epochs(preprocess: data.Preprocess, shape: tuple[int, int], num_examples: in
     if window is None or (first + steps_per_call - 1) // per_epoch >= window.first[0] + count:
       orders = np.stack([data.epoch_order(num_examples, seed, e)
                          for e in range(epoch, epoch + count)]).astype(np.int32)
-      draws = np.stack([data.augmentation_draws(seed, step, global_batch)
-                        for step in range(epoch * per_epoch, (epoch + count) * per_epoch)])
-      choices = preprocess.choices(draws.reshape(-1, 3), [shape]).reshape(
-          len(draws), global_batch, 3)
+      choices = np.concatenate([_epoch_choices(preprocess, shape, seed, e, per_epoch,
+                                               global_batch)
+                                for e in range(epoch, epoch + count)])
       window = Epochs(np.broadcast_to(orders, (devices,) + orders.shape), _each(devices, epoch),
                       positions, _each(devices, global_batch),
                       choices[:, positions].transpose(1, 0, 2, 3))
     yield window
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_choices(preprocess: data.Preprocess, shape: tuple[int, int], seed: int, epoch: int,
+                   per_epoch: int, global_batch: int) -> np.ndarray:
+  """The crops and flips [per_epoch, global_batch, 3] of an epoch's steps, from the host
+  pipeline's draws; kept for the next window, which starts at the epoch that a call straddles
+  into it (about 10 us a step, once)."""
+  draws = np.concatenate([data.augmentation_draws(seed, step, global_batch)
+                          for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)])
+  choices = preprocess.choices(draws, [shape]).reshape(per_epoch, global_batch, 3)
+  choices.flags.writeable = False
+  return choices
 
 
 def _each(devices: int, value: int) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 The loop never waits for the device between log steps: each call's metrics stay on the device
 in a `Metrics` buffer, fetched every log_every steps and before every checkpoint, where a NaN
-or Inf stops the run naming the step and term, before anything non-finite is saved.
+or Inf stops the run naming the step and term, before anything non-finite is saved. A
+checkpoint is written in the background while the next steps run, and committed before the
+next one starts, before a stop says it is saved, and before the phase returns.
 """
 
 import dataclasses
@@ -65,8 +67,9 @@ def report_eval(where: str, step: int, metrics: dict, writer: logs.Writer) -> No
 
 
 def check_finite(metrics: dict[str, np.ndarray], first_step: int, where: str,
-                 last_good: str) -> None:
-  """Stops the run, naming the step and terms, at the first NaN/Inf in metrics [steps]."""
+                 last_good: Callable[[], str]) -> None:
+  """Stops the run, naming the step and terms and where it would resume (`last_good()`), at
+  the first NaN/Inf in metrics [steps]."""
   finite = np.all([np.isfinite(v) for v in metrics.values()], axis=0)
   if not finite.all():
     i = int(np.argmin(finite))
@@ -74,7 +77,7 @@ def check_finite(metrics: dict[str, np.ndarray], first_step: int, where: str,
     raise FloatingPointError(
         f'[{where}] step {first_step + i}: non-finite '
         + ', '.join(f'{k} = {v}' for k, v in bad.items())
-        + f'; {last_good}. Lower this phase\'s learning rates or check the teacher.')
+        + f'; {last_good()}. Lower this phase\'s learning rates or check the teacher.')
 
 
 class Metrics:
@@ -109,7 +112,7 @@ class Metrics:
     host = jax.device_get(pending)  # Device 0's: they are averaged over the devices.
     fetched = {name: np.concatenate([m[name][0] for m in host]) for name in host[0]}
     check_finite(fetched, done - len(fetched['loss']) + 1, self.where.label,
-                 self.saved.last_good)
+                 lambda: self.saved.last_good)
     if log:
       metrics = {name: float(v[-1]) for name, v in fetched.items()}
       rate = self.progress.report(done, {name: v for name, v in metrics.items() if name != 'lr'})
@@ -183,6 +186,8 @@ def _steps(run: PhaseRun, phase: Phase, where: Where, saved: checkpoints.PhaseCh
     log, save, evaluates = log_due(done), save_due(done), eval_due(done)
     stop = preemption.requested(sync_point=log or save)
     metrics.due(done, log, now=save or stop or evaluates)
+    if log:
+      saved.wait(block=False)  # A save that failed stops the run at once.
     if evaluates:
       result = run.evaluator(replicated.variables())
       report_eval(where.label, where.offset + done, result, run.writer)
@@ -192,6 +197,8 @@ def _steps(run: PhaseRun, phase: Phase, where: Where, saved: checkpoints.PhaseCh
       run.writer.flush()  # Every checkpoint's steps are in TensorBoard.
       saved.save(done, jax.device_get(jax_utils.unreplicate(replicated)), history.to_json())
     if stop:
+      saved.wait()
       raise preemption.stopped(where.label,
                                f'saved a checkpoint at step {done} in {saved.directory}')
+  saved.wait()  # The phase ends with its last checkpoint committed.
   return jax.device_get(jax_utils.unreplicate(replicated))

@@ -29,6 +29,9 @@ def test_accelerator_script_writes_every_measurement(tmp_path):
     assert all(len(times) == 1 and times[0] > 0 for times in m['rounds'].values())
   assert [m['on_device'] for m in result['loop']['eval_trivial']] == [False, True]
   assert all(len(m['rounds']['eval_s']) == 1 for m in result['loop']['eval_trivial'])
+  emulated = result['loop']['emulated_accelerator']
+  assert emulated['save_ms'] > 0 and [len(m['rounds']['loop_s']) for m in emulated['phases']] == [
+      1, 1]
   assert result['complete']
   assert [run['on_device'] for run in result['training']] == [True, False]
   for run in result['training']:

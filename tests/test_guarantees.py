@@ -122,13 +122,15 @@ def test_a_failed_save_leaves_every_kept_checkpoint(tmp_path):
   phase = checkpoints.PhaseCheckpoints(str(tmp_path), keep=2, where='test')
   for step in (1, 2):
     phase.save(step, {'w': np.full(3, step, np.float32)}, {'step': step})
+  phase.save(3, {'w': object()}, {'step': 3})  # Orbax cannot save an object.
   with pytest.raises(checkpoints.WriteError, match=r'checkpoint 3 could not be written.*'
                                                    r'checkpoint 2 there is intact'):
-    phase.save(3, {'w': object()}, {'step': 3})  # Orbax cannot save an object.
+    phase.wait()
   assert saved() == [1, 2]
   phase.close()
   phase = checkpoints.PhaseCheckpoints(str(tmp_path), keep=2, where='test')
   phase.save(3, {'w': np.full(3, 3, np.float32)}, {'step': 3})
+  phase.wait()
   assert saved() == [2, 3]
   phase.close()
 

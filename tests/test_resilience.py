@@ -194,12 +194,13 @@ def _read_until(process, pattern, limit_s=120):
 def test_saves_go_on_after_a_fall_back_and_sigterm_reports_a_real_checkpoint(tmp_path):
   """The newest of three checkpoints corrupted: a rerun falls back to the one before, moves
   the corrupt one aside and saves again at once; SIGTERM before the corrupt step saves a
-  checkpoint that exists, and the next run resumes from it."""
+  checkpoint that exists, and the next run resumes from it. (Step 18's line comes after the
+  save at 16 started, which waited for 12's to be committed.)"""
   command = _scratch_run(tmp_path, steps=400, checkpoint_every=4, keep=3)
   directory = tmp_path / 'scratch' / 'net1' / 'train'
   process = subprocess.Popen(command, env=_env(1), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-  _read_until(process, r'\] 14/')
+  _read_until(process, r'\] 18/')
   process.kill()
   process.communicate()
   saved = _saved(directory)
