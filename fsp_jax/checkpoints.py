@@ -13,10 +13,12 @@ during a save keeps the checkpoint before it.
 
 import concurrent.futures
 import contextlib
+import gc
 import io
 import logging
 import os
 import time
+import traceback
 
 import jax
 from jax.experimental import multihost_utils
@@ -60,6 +62,17 @@ def _quiet():
   finally:
     for name, level in levels.items():
       logging.getLogger(name).setLevel(level)
+
+
+def _release(error: BaseException) -> None:
+  """Drops the locals of the frames that an error (and its causes) passed through, keeping its
+  traceback's lines, and collects what they held: the asyncio futures of the writes that failed
+  beside it, which log "Future exception was never retrieved" when collected. Called while
+  quiet, so that they are not collected later, at the run's exit, into its one-line error."""
+  while error is not None:
+    traceback.clear_frames(error.__traceback__)
+    error = error.__cause__ or error.__context__
+  gc.collect()
 
 
 class WriteError(RuntimeError):
@@ -171,6 +184,7 @@ class PhaseCheckpoints:
     except Exception as e:  # pylint: disable=broad-except  (Orbax, TensorStore, OS errors)
       with _quiet():  # Orbax closes its event loop at the first failed write; TensorStore's
         time.sleep(_SETTLE_S)  # other writes in flight then fail into it (see _quiet).
+        _release(e)
       cause = first_line(e)
       intact = (f'checkpoint {max(before)} there is intact' if before else
                 'no checkpoint of this phase was saved before')
