@@ -162,11 +162,11 @@ class PhaseCheckpoints:
     self.wait()
     self._in_flight = self._writer.submit(self._write, step, state, history)
 
-  def wait(self, block: bool = True) -> None:
-    """Returns once the save in flight is committed (with block=False, at once while it is
-    still writing). Raises WriteError in one line where it was not written (a full disk, say),
-    naming the file and the intact checkpoint."""
-    if self._in_flight and (block or self._in_flight.done()):
+  def wait(self) -> None:
+    """Returns once the save in flight is committed. Raises WriteError in one line where it was
+    not written (a full disk, say), naming the file and the intact checkpoint: at the same step
+    on every host (the next save, a stop or the phase's end)."""
+    if self._in_flight:
       in_flight, self._in_flight = self._in_flight, None
       in_flight.result()
 

@@ -186,8 +186,6 @@ def _steps(run: PhaseRun, phase: Phase, where: Where, saved: checkpoints.PhaseCh
     log, save, evaluates = log_due(done), save_due(done), eval_due(done)
     stop = preemption.requested(sync_point=log or save)
     metrics.due(done, log, now=save or stop or evaluates)
-    if log:
-      saved.wait(block=False)  # A save that failed stops the run at once.
     if evaluates:
       result = run.evaluator(replicated.variables())
       report_eval(where.label, where.offset + done, result, run.writer)
