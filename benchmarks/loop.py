@@ -180,6 +180,11 @@ def _median(values) -> float:
   return float(np.median(values))
 
 
+def _beyond_bare(run: dict, kind: str = '') -> float:
+  """The median round's loop - bare seconds of a `measure` (kind '_thread': CPU seconds)."""
+  return _median(np.subtract(run['rounds'][f'loop{kind}_s'], run['rounds'][f'bare{kind}_s']))
+
+
 def host_time(trivial, steps_count: int, k: int, on_device: bool, rounds: int) -> dict:
   """The trivial step's loop over phases of N and 2N steps: host us per step (see above),
   with a checkpoint every N / 2 steps and with one at the end only, and the host ms of one
@@ -189,9 +194,7 @@ def host_time(trivial, steps_count: int, k: int, on_device: bool, rounds: int) -
   runs = {(steps, every): measure(trivial, 8, 8, steps, k, on_device, 96, every, rounds)
           for steps in (n, long) for every in (half, steps)}
 
-  def host(key, kind=''):
-    found = runs[key]['rounds']
-    return _median(np.subtract(found[f'loop{kind}_s'], found[f'bare{kind}_s']))
+  host = lambda key, kind='': _beyond_bare(runs[key], kind)
 
   return {'steps_per_call': k, 'on_device': on_device, 'phases': list(runs.values()),
           'host_us_per_step': 1e6 * (host((long, half)) - host((n, half))) / n,
@@ -260,16 +263,16 @@ def emulated_checkpoints(steps_count: int, device_ms: float, rounds: int) -> dic
   backbone, every = Sleeping(device_ms, axis_name='batch'), 128
   runs = {period: measure(backbone, 8, 8, steps_count, 8, True, every, period, rounds)
           for period in (every, steps_count)}
-  lost = {period: _median(np.subtract(run['rounds']['loop_s'], run['rounds']['bare_s']))
-          for period, run in runs.items()}
+  lost = {period: _beyond_bare(run) for period, run in runs.items()}
   tx = steps.optimizer(Schedule((0.1,), (steps_count,)), 1e-4, 0.9)
-  state = steps.fresh_state(steps.init_variables(Student(backbone), jax.random.key(0), 8), tx)
+  state = jax.device_get(steps.fresh_state(
+      steps.init_variables(Student(backbone), jax.random.key(0), 8), tx))
   seconds = []
   with tempfile.TemporaryDirectory() as directory:
     saved = checkpoints.PhaseCheckpoints(directory, 2, 'bench save')
     for step in range(1, 13):
       start = time.perf_counter()
-      saved.save(step, jax.device_get(state), {'train': []})
+      saved.save(step, state, {'train': []})
       saved.wait()
       seconds.append(time.perf_counter() - start)
     saved.close()

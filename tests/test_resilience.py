@@ -326,7 +326,7 @@ def test_a_full_disk_is_one_line_naming_the_checkpoint_and_the_intact_one(tmp_pa
   """A 1.2 MB file system fills at the second checkpoint: one line names the checkpoint, its
   folder, Orbax's cause and the intact checkpoint before, which a rerun resumes. Where no
   tmpfs can be mounted, Orbax's error for a full disk is raised in its place
-  (sitecustomize below). Mutations: without the handler in PhaseCheckpoints.save the user sees
+  (sitecustomize below). Mutations: without the handler in PhaseCheckpoints._write the user sees
   Orbax's ValueError and the tracebacks its threads log; without its settling wait, 3 of 8
   runs printed TensorStore's tracebacks for the writes left in flight; without
   checkpoints._release, 2 of 17 printed asyncio's "Future exception was never retrieved"."""
